@@ -1,0 +1,98 @@
+"""The small interface between the training loop and a parallelism backend.
+
+One optimizer step, as `Trainer.train_step` drives it:
+
+    for i, micro_batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with backend.accumulate(last), backend.autocast():
+            loss = backend.model(**micro_batch)            # summed loss of this micro-batch
+            backend.backward(loss * scale, last)           # scale = world / global target count
+    grad_norm = backend.step(lr, clip)                     # clip, update, zero grads
+
+`scale` makes every rank's gradient a share of the global mean, and the backends' data-parallel
+reductions AVERAGE over ranks, hence the factor `world`. A backend that scales the loss on its own
+(DeepSpeed divides by gradient_accumulation_steps) undoes that inside `backward`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.config import Config
+from engine.dist import DistEnv
+
+
+class Backend(ABC):
+    name: str = "base"
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+
+    # --- construction ------------------------------------------------------------------------------
+    def construct(self) -> contextlib.AbstractContextManager:
+        """Context to build the model in (ZeRO-3 partitions parameters as they are created)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def setup(self, module: nn.Module, param_groups: list[dict]) -> None:
+        """Move/shard `module`, wrap it for data parallelism and create the optimizer."""
+
+    def compile(self) -> None:
+        """torch.compile the training forward (model.compile=true)."""
+        raise NotImplementedError(f"model.compile is not supported by the {self.name} backend yet")
+
+    # --- the step ------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def model(self) -> nn.Module:
+        """What the loop calls for a training forward (the DDP/DeepSpeed wrapper)."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The unwrapped TrainModule, for evaluation (every rank calls it the same number of times)."""
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward+backward; gradients are synchronized only when `last`."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate gradients of `loss` (already scaled to the global mean)."""
+
+    @abstractmethod
+    def step(self, lr: float, clip: float) -> torch.Tensor:
+        """Set the lr, clip to `clip` (0: off), update, clear grads; returns the pre-clip global grad norm
+        as a device tensor (reading it is the caller's sync point)."""
+
+    # --- state ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write model + optimizer state under `path`; every rank calls it."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore what `save` wrote; every rank calls it."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The complete, unsharded fp32 weights of the transformers model on rank 0 (None elsewhere);
+        every rank calls it (ZeRO-3 gathers)."""
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes per rank of parameters, gradients and optimizer state as held by this backend."""
+        return {}
+
+    def close(self) -> None:
+        pass

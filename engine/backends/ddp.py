@@ -1,0 +1,98 @@
+"""Plain PyTorch data parallelism: one full replica per rank, DDP all-reduces gradients.
+
+A single process (world=1) uses the same class without the DDP wrapper, so there is one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from engine import optim
+from engine.backends.base import Backend
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def setup(self, module: nn.Module, param_groups: list[dict]) -> None:
+        self._module = module.to(self.env.device)
+        if self.env.distributed:
+            self._wrapped: nn.Module = DistributedDataParallel(
+                self._module, device_ids=[self.env.device] if self.env.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
+        else:
+            self._wrapped = self._module
+        self.optimizer = optim.adamw(param_groups, self.cfg.optim, self.env.device)
+        self._params = [p for g in param_groups for p in g["params"]]
+        # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.env.device.type) if self.cfg.train.precision == "fp16" else None
+
+    def compile(self) -> None:
+        self._wrapped = torch.compile(self._wrapped)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._wrapped
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def accumulate(self, last: bool):
+        if self.env.distributed and not last:
+            return self._wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, lr: float, clip: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm, foreach=True)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # Replicas are identical, so rank 0 writes the state and every rank reads it.
+    def save(self, path: Path) -> None:
+        if self.env.is_main:
+            save_model(self._module, str(path / "model.safetensors"))
+            state = {"optimizer": self.optimizer.state_dict()}
+            if self.scaler:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        missing, unexpected = load_model(self._module, str(path / "model.safetensors"), strict=True,
+                                         device=str(self.env.device))
+        state = torch.load(path / "optimizer.pt", map_location=self.env.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self):
+        if not self.env.is_main:
+            return None
+        return {k: v.detach().float().cpu() for k, v in self._module.hf.state_dict().items()}
+
+    def memory_report(self) -> dict[str, int]:
+        params = sum(p.numel() * p.element_size() for p in {id(p): p for p in self._module.parameters()}.values())
+        trainable = sum(p.numel() * p.element_size() for p in self._params)
+        return {"params": params, "grads": trainable, "optimizer": 2 * trainable}

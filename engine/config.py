@@ -1,0 +1,387 @@
+"""The run configuration: a tree of small typed dataclasses.
+
+A config is built from defaults, then an optional YAML/JSON file, then `--set section.key=value`
+overrides, in that order. Values are coerced to each field's declared type (so `--set optim.lr=1e-4`
+is a float even though YAML reads `1e-4` as a string). `Config.validate()` checks every field and
+returns every problem at once; `load_config` raises one `UsageError` that lists them all.
+
+Each field documents itself through `help`; `ftl config keys` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import UsageError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config field with its documentation (and allowed values) attached."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("default", "Name of the run; the run directory defaults to runs/<name>.")
+    dir: str = opt("", "Run directory (metrics, TensorBoard, checkpoints, final/). Empty: runs/<name>.")
+    seed: int = opt(1234, "Seed for model init, data order and dropout; every rank derives its own streams from it.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt(
+        "gpt2-mini",
+        "A preset (gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face model "
+        "directory, or a hub id such as gpt2.",
+    )
+    init: str = opt(
+        "auto",
+        "auto: pretrained weights for directories and hub ids, random for engine-only presets; "
+        "random: GPT-2 shapes with fresh weights (no download); pretrained: require real weights.",
+        ("auto", "random", "pretrained"),
+    )
+    head: str = opt("lm", "lm: language model tied to the token embedding; cls: sequence classification.", ("lm", "cls"))
+    num_labels: int = opt(0, "Classes for head=cls; 0 infers them from the training data.")
+    dropout: float = opt(0.0, "Dropout on embeddings, attention and residual streams (0 disables).")
+    compile: bool = opt(False, "torch.compile the model.")
+    gradient_checkpointing: bool = opt(False, "Recompute each block's activations in backward to save memory.")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa (flash/memory-efficient) or eager.", ("sdpa", "eager"))
+
+
+@dataclass
+class DataConfig:
+    source: str = opt(
+        "builtin:pydoc",
+        "builtin:pydoc | builtin:stdlib, local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed), "
+        "or a hub dataset name (name or name:config).",
+    )
+    text_column: str = opt("text", "Column holding the text.")
+    label_column: str = opt("label", "Column holding the class label (head=cls).")
+    seq_len: int = opt(128, "Tokens per training sample (LM blocks are packed to this length).")
+    val_fraction: float = opt(0.1, "Fraction of documents held out for evaluation when the source has no validation split.")
+    tokenizer: str = opt("", "Tokenizer directory or hub id; empty: the model's own, else a byte-level BPE trained on the training split.")
+    tokenizer_vocab: int = opt(4096, "Vocabulary size of a locally trained BPE tokenizer.")
+    pack: bool = opt(True, "LM: concatenate documents (EOS between them) and cut into full blocks; false: one padded sample per document.")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = opt(16, "Samples per rank per forward/backward.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step on each rank.")
+    max_steps: int = opt(300, "Optimizer steps to train.")
+    log_every: int = opt(10, "Write metrics every N steps.")
+    eval_every: int = opt(100, "Evaluate every N steps (0: only before and after training).")
+    eval_batches: int = opt(0, "Cap on eval micro-batches per rank (0: the whole validation split).")
+    precision: str = opt("fp32", "fp32, or bf16/fp16 autocast (fp16 adds dynamic loss scaling).", ("fp32", "bf16", "fp16"))
+    clip_grad: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
+    device: str = opt("auto", "auto (cuda when available), cuda, or cpu.", ("auto", "cuda", "cpu"))
+    sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head; 0 disables).")
+    sample_prompt: str = opt("The ", "Prompt of that sample.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-3, "Peak learning rate.")
+    weight_decay: float = opt(0.1, "AdamW weight decay (never applied to biases, LayerNorms or embeddings).")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas [beta1, beta2].")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    schedule: str = opt("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
+    warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
+
+
+@dataclass
+class DistConfig:
+    backend: str = opt("ddp", "ddp (also used for a single process) or deepspeed.", ("ddp", "deepspeed"))
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage 0-3 (backend=deepspeed).")
+    ds_config: str = opt("", "Path to your own DeepSpeed JSON; 'auto' values are filled from this config.")
+    offload: str = opt("none", "DeepSpeed CPU offload of optimizer state (and parameters at stage 3).", ("none", "cpu"))
+    timeout_s: int = opt(1800, "Collective timeout in seconds (process-group start-up and every collective).")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(0, "Save a checkpoint every N steps (0: only at the end).")
+    keep: int = opt(2, "Keep the newest N checkpoints.")
+    resume: str = opt("auto", "auto: newest complete checkpoint in the run directory; none: start fresh; or a checkpoint path.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or os.path.join("runs", self.run.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> list[str]:
+        """Every problem with the values, each naming its key; empty when the config is usable."""
+        p: list[str] = []
+        for section in dataclasses.fields(self):
+            sec = getattr(self, section.name)
+            for f in dataclasses.fields(sec):
+                choices = f.metadata.get("choices")
+                value = getattr(sec, f.name)
+                if choices and value not in choices:
+                    p.append(f"{section.name}.{f.name} must be one of {', '.join(map(str, choices))} (got {value!r})")
+
+        def positive(key: str, value, allow_zero: bool = False):
+            if value < 0 or (value == 0 and not allow_zero):
+                p.append(f"{key} must be {'>= 0' if allow_zero else 'positive'} (got {value})")
+
+        t, o, d = self.train, self.optim, self.data
+        positive("train.micro_batch", t.micro_batch)
+        positive("train.grad_accum", t.grad_accum)
+        positive("train.max_steps", t.max_steps)
+        positive("train.log_every", t.log_every)
+        positive("train.eval_every", t.eval_every, allow_zero=True)
+        positive("train.eval_batches", t.eval_batches, allow_zero=True)
+        positive("train.clip_grad", t.clip_grad, allow_zero=True)
+        positive("train.sample_tokens", t.sample_tokens, allow_zero=True)
+        positive("optim.lr", o.lr)
+        positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+        positive("optim.eps", o.eps)
+        positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            p.append(f"optim.min_lr_ratio must be within [0, 1] (got {o.min_lr_ratio})")
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            p.append(f"optim.betas must be two numbers in [0, 1) (got {o.betas})")
+        positive("data.seq_len", d.seq_len)
+        if not 0.0 <= d.val_fraction < 1.0:
+            p.append(f"data.val_fraction must be within [0, 1) (got {d.val_fraction})")
+        if d.tokenizer_vocab < 256 + 1:
+            p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {d.tokenizer_vocab})")
+        if not d.source.strip():
+            p.append("data.source is empty: name a builtin:<name>, a file or a hub dataset")
+        if not 0.0 <= self.model.dropout < 1.0:
+            p.append(f"model.dropout must be within [0, 1) (got {self.model.dropout})")
+        positive("model.num_labels", self.model.num_labels, allow_zero=True)
+        if self.model.head == "lm" and self.model.num_labels:
+            p.append("model.num_labels is only used with model.head=cls; remove it or set model.head=cls")
+        if self.dist.zero_stage not in (0, 1, 2, 3):
+            p.append(f"dist.zero_stage must be 0, 1, 2 or 3 (got {self.dist.zero_stage})")
+        if self.dist.backend != "deepspeed" and (self.dist.zero_stage or self.dist.ds_config or self.dist.offload != "none"):
+            p.append("dist.zero_stage / dist.ds_config / dist.offload need dist.backend=deepspeed")
+        if self.dist.ds_config and not Path(self.dist.ds_config).is_file():
+            p.append(f"dist.ds_config: no such file {self.dist.ds_config!r}")
+        positive("dist.timeout_s", self.dist.timeout_s)
+        positive("checkpoint.every", self.checkpoint.every, allow_zero=True)
+        positive("checkpoint.keep", self.checkpoint.keep)
+        r = self.checkpoint.resume
+        if r not in ("auto", "none") and not Path(r).exists():
+            p.append(f"checkpoint.resume: no checkpoint at {r!r} (use auto, none or an existing checkpoint directory)")
+        return p
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every config key, in declaration order."""
+    rows = []
+    for sname, stype in _section_types().items():
+        hints = typing.get_type_hints(stype)
+        for f in dataclasses.fields(stype):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_text += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+            rows.append((f"{sname}.{f.name}", _type_name(hints[f.name]), default, help_text))
+    return rows
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/--set value to the field's declared type, or raise ValueError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, tuple):
+        (elem,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list (got {value!r})")
+        return [_coerce(v, elem, key) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{key} must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key} must be an integer (got {value!r})")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ValueError(f"{key} must be an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key} must be a number (got {value!r})")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key} must be a number (got {value!r})")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key} must be a string (got {value!r})")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        raise ValueError(f"{key} is a section; set its keys, e.g. {key}.<key>=...")
+    return value
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    return f"unknown config key {key!r}{hint}"
+
+
+def _read_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot parse config file {path}: {e}".strip()) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of sections (run:, model:, data:, ...)")
+    return data
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[dict, list[str]]:
+    """`a.b=v` strings -> nested dict; values read as YAML scalars. Returns (tree, problems)."""
+    tree: dict = {}
+    problems: list[str] = []
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or "." not in key:
+            problems.append(f"--set {item!r} must look like section.key=value (e.g. train.max_steps=50)")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        section, _, rest = key.partition(".")
+        tree.setdefault(section, {})
+        if not isinstance(tree[section], dict):
+            tree[section] = {}
+        tree[section][rest] = value
+    return tree, problems
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(data: dict) -> tuple[Config, list[str]]:
+    """Build a Config from a nested dict; unknown keys and type errors are returned, not raised."""
+    problems: list[str] = []
+    section_types = _section_types()
+    kwargs = {}
+    for sname, sval in data.items():
+        if sname not in section_types:
+            problems.append(_unknown(sname, list(section_types)))
+            continue
+        if sval is None:
+            continue
+        if not isinstance(sval, dict):
+            problems.append(f"config section {sname!r} must be a mapping of keys (got {sval!r})")
+            continue
+        stype = section_types[sname]
+        hints = typing.get_type_hints(stype)
+        known = [f.name for f in dataclasses.fields(stype)]
+        values = {}
+        for k, v in sval.items():
+            full = f"{sname}.{k}"
+            if k not in known:
+                problems.append(_unknown(full, [f"{sname}.{n}" for n in known]))
+                continue
+            try:
+                values[k] = _coerce(v, hints[k], full)
+            except ValueError as e:
+                problems.append(str(e))
+        kwargs[sname] = stype(**values)
+    return Config(**kwargs), problems
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """File (optional) + overrides -> validated Config, or a UsageError listing every problem."""
+    data = _read_file(path) if path else {}
+    tree, problems = parse_overrides(overrides)
+    cfg, more = from_dict(merge(data, tree))
+    problems += more
+    problems += cfg.validate()
+    if problems:
+        raise UsageError(problems, hint="See `ftl config keys` for every key, its type and default.")
+    return cfg
+
+
+def dump_resolved(cfg: Config, path: Path) -> None:
+    path.write_text(cfg.to_yaml(), encoding="utf-8")

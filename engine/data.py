@@ -1,0 +1,472 @@
+"""Data: sources -> tokenizer -> packed/padded samples -> deterministic per-step micro-batches.
+
+Sources (`data.source`), all read through Hugging Face `datasets`:
+  builtin:pydoc   the English text of Python's own documentation topics (pydoc_data.topics; ~0.5 MB)
+  builtin:stdlib  the source of the Python standard library (~30 MB)
+  local files     .txt (paragraphs) / .jsonl / .json / .csv / .parquet, globs allowed
+  hub datasets    `name` or `name:config` (downloaded by datasets; never in tests or the default job)
+
+Sampling is addressed by GLOBAL SAMPLE INDEX: step s of a run with global batch B covers indices
+[s*B, (s+1)*B) of an endless stream, epoch e being a seeded permutation of the training samples.
+Which rank and micro-batch gets which index only splits that set, so every world x micro x accum split
+of a global batch sees the same samples, and a run resumed at step s (on any world size) continues
+the same stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+import threading
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from engine import dist
+from engine.config import DataConfig
+from engine.errors import UsageError
+from engine.losses import IGNORE
+
+EOS = "<|endoftext|>"
+FILE_LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+def _pydoc_topics():
+    import pydoc_data.topics
+
+    for name in sorted(pydoc_data.topics.topics):
+        yield {"text": pydoc_data.topics.topics[name]}
+
+
+def _stdlib_sources(stdlib: str):
+    root = Path(stdlib)
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("site-packages", "test", "idlelib") or "tests" in rel.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            yield {"text": text, "path": str(rel)}
+
+
+BUILTINS = {
+    "pydoc": (_pydoc_topics, lambda: {}),
+    "stdlib": (_stdlib_sources, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]}),
+}
+
+
+def register_builtin(name: str, generator, gen_kwargs=lambda: {}) -> None:
+    """Add a `builtin:<name>` source (a generator of row dicts); used by task modules."""
+    BUILTINS[name] = (generator, gen_kwargs)
+
+
+def _silence_datasets() -> None:
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
+    """The source as a DatasetDict with `train` and `validation`, columns checked.
+
+    Raises UsageError for a missing file, an unknown builtin, a missing column (listing the columns
+    that exist) or an empty split.
+    """
+    import datasets
+
+    _silence_datasets()
+    src = cfg.source.strip()
+    if src.startswith("builtin:"):
+        name = src.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise UsageError(f"data.source {src!r}: unknown builtin; available: {', '.join('builtin:' + b for b in BUILTINS)}")
+        gen, kwargs = BUILTINS[name]
+        ds = datasets.Dataset.from_generator(gen, gen_kwargs=kwargs())
+        dd = datasets.DatasetDict({"train": ds})
+    elif _looks_like_files(src):
+        files = sorted(glob.glob(os.path.expanduser(src))) if any(c in src for c in "*?[") else [os.path.expanduser(src)]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if not files or missing:
+            raise UsageError(f"data.source {src!r}: no such file{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing) if missing else '(the glob matched nothing)'}")
+        kinds = {FILE_LOADERS.get(Path(f).suffix.lower()) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise UsageError(f"data.source {src!r}: files must all be one of {', '.join(sorted(FILE_LOADERS))}")
+        kind = kinds.pop()
+        kw = {"sample_by": "paragraph"} if kind == "text" else {}
+        if kind == "csv" and any(f.endswith(".tsv") for f in files):
+            kw["sep"] = "\t"
+        try:
+            dd = datasets.load_dataset(kind, data_files={"train": files}, **kw)
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise UsageError(f"data.source {src!r}: cannot read it as {kind}: {type(e).__name__}: {e}") from None
+    else:
+        name, _, config = src.partition(":")
+        try:
+            dd = datasets.load_dataset(name, config or None)
+        except Exception as e:
+            raise UsageError(f"data.source {src!r}: not a builtin, not an existing file, and not a loadable hub "
+                             f"dataset ({type(e).__name__}: {e})") from None
+    dd = _train_validation(dd, cfg, seed)
+    _check_columns(dd, cfg, need_label)
+    return dd
+
+
+def _looks_like_files(src: str) -> bool:
+    return os.path.exists(os.path.expanduser(src)) or Path(src).suffix.lower() in FILE_LOADERS or any(c in src for c in "*?[/")
+
+
+def _train_validation(dd, cfg: DataConfig, seed: int):
+    import datasets
+
+    val_name = next((s for s in ("validation", "valid", "val", "test") if s in dd), None)
+    train = dd["train"] if "train" in dd else dd[next(iter(dd))]
+    if val_name is not None:
+        return datasets.DatasetDict({"train": train, "validation": dd[val_name]})
+    if cfg.val_fraction == 0 or len(train) == 0:
+        return datasets.DatasetDict({"train": train, "validation": train.select([])})
+    if len(train) == 1 and cfg.text_column in train.column_names:
+        # One document: hold out its tail rather than nothing.
+        text = train[0][cfg.text_column]
+        cut = int(len(text) * (1 - cfg.val_fraction))
+        one = {k: [v] for k, v in train[0].items()}
+        head, tail = dict(one, **{cfg.text_column: [text[:cut]]}), dict(one, **{cfg.text_column: [text[cut:]]})
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(head), "validation": datasets.Dataset.from_dict(tail)})
+    n_val = max(1, int(round(len(train) * cfg.val_fraction)))
+    split = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+
+
+def _check_columns(dd, cfg: DataConfig, need_label: bool) -> None:
+    problems = []
+    cols = dd["train"].column_names
+    if cfg.text_column not in cols:
+        problems.append(f"data.text_column {cfg.text_column!r} is not in the data; columns: {', '.join(cols)}")
+    if need_label and cfg.label_column not in cols:
+        problems.append(f"data.label_column {cfg.label_column!r} is not in the data; columns: {', '.join(cols)}")
+    if len(dd["train"]) == 0:
+        problems.append(f"data.source {cfg.source!r}: the training split is empty")
+    if problems:
+        raise UsageError(problems)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def load_tokenizer(path_or_id: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_id)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"tokenizer {path_or_id!r} cannot be loaded: {e}".strip()) from None
+    return ensure_pad(tok)
+
+
+def ensure_pad(tok):
+    """GPT-2 tokenizers have no pad token; pad with EOS (attention masks and -100 labels keep it inert)."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_bpe(texts, vocab_size: int):
+    """A byte-level BPE trained here, so runs without a pretrained tokenizer stay offline."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    return tokenizer_from_json(bpe._tokenizer.to_str())
+
+
+def tokenizer_from_json(blob: str):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(blob), bos_token=EOS, eos_token=EOS,
+                                  unk_token=EOS, pad_token=EOS, model_max_length=1 << 30)
+    return tok
+
+
+def text_iterator(ds, column: str, batch: int = 1000) -> Iterator[list[str]]:
+    for start in range(0, len(ds), batch):
+        yield [t or "" for t in ds[start:start + batch][column]]
+
+
+# ----------------------------------------------------------------------------------------- processing
+
+def _tokenize_lm(tokenizer, column: str, seq_len: int, pack: bool):
+    eos = tokenizer.eos_token_id
+
+    def fn(batch):
+        ids = tokenizer([t or "" for t in batch[column]], add_special_tokens=False)["input_ids"]
+        if not pack:
+            return {"input_ids": [x[: seq_len + 1] for x in ids if len(x) >= 2]}
+        # Pack: documents joined with EOS, cut into blocks of seq_len+1 (inputs and shifted targets).
+        flat = [t for x in ids for t in (*x, eos)]
+        n = len(flat) // (seq_len + 1) * (seq_len + 1)
+        return {"input_ids": [flat[i:i + seq_len + 1] for i in range(0, n, seq_len + 1)]}
+
+    return fn
+
+
+def _tokenize_cls(tokenizer, column: str, label_column: str, seq_len: int, label_to_id: dict):
+    def fn(batch):
+        enc = tokenizer([t or "" for t in batch[column]], add_special_tokens=False, truncation=True, max_length=seq_len)
+        keep = [i for i, x in enumerate(enc["input_ids"]) if len(x) > 0]
+        return {"input_ids": [enc["input_ids"][i] for i in keep],
+                "labels": [label_to_id[batch[label_column][i]] for i in keep]}
+
+    return fn
+
+
+def label_vocab(train, label_column: str, num_labels: int) -> tuple[list[str], dict, list[str]]:
+    """(names, value -> id, problems). Integer labels keep their ids; other labels are sorted names."""
+    values = train.unique(label_column)
+    problems = []
+    if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        n = num_labels or (max(values) + 1)
+        bad = sorted(v for v in values if v < 0 or v >= n)
+        if bad:
+            problems.append(f"labels {bad[:10]} in column {label_column!r} are outside 0..{n - 1}; "
+                            f"set model.num_labels to at least {max(values) + 1} or fix the data")
+        return [str(i) for i in range(n)], {v: int(v) for v in values}, problems
+    names = sorted(str(v) for v in values if v is not None)
+    if None in values:
+        problems.append(f"column {label_column!r} has empty labels; drop those rows")
+    if num_labels and len(names) > num_labels:
+        problems.append(f"the data has {len(names)} distinct labels but model.num_labels={num_labels}")
+    return names, {v: names.index(str(v)) for v in values if v is not None}, problems
+
+
+@dataclass
+class Prepared:
+    """Tokenized splits ready for sampling, plus what the model needs to know about them."""
+
+    train: object
+    validation: object
+    tokenizer: object
+    head: str
+    seq_len: int
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
+            label_names: list[str] | None = None) -> Prepared:
+    """Tokenize (cached by datasets) and pack/label both splits; rank 0 fills the cache first.
+
+    `label_names` fixes the label vocabulary (a trained model's id2label) instead of inferring it."""
+    if head == "cls" and label_names:
+        label_to_id = {**{n: i for i, n in enumerate(label_names)}, **{i: i for i in range(len(label_names))}}
+        values = set(dd["train"].unique(cfg.label_column)) | (set(dd["validation"].unique(cfg.label_column))
+                                                               if len(dd["validation"]) else set())
+        unknown = sorted(str(v) for v in values if v not in label_to_id)
+        if unknown:
+            raise UsageError(f"labels {unknown[:10]} are not among the model's labels ({', '.join(label_names)})")
+        label_to_id.update({v: label_to_id[v] for v in values})
+        fn = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id)
+    elif head == "cls":
+        label_names, label_to_id, problems = label_vocab(dd["train"], cfg.label_column, num_labels)
+        val_values = set(dd["validation"].unique(cfg.label_column)) if len(dd["validation"]) else set()
+        unseen = sorted(str(v) for v in val_values - set(label_to_id))
+        if unseen:
+            problems.append(f"validation labels {unseen[:10]} never occur in the training split")
+        if problems:
+            raise UsageError(problems)
+        fn = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id)
+    else:
+        fn = _tokenize_lm(tokenizer, cfg.text_column, cfg.seq_len, cfg.pack)
+    out = {}
+    for split in ("train", "validation"):
+        ds = dd[split]
+        for turn in (0, 1):  # rank 0 writes the cache; the others then read it
+            if (turn == 0) == dist.is_main():
+                ds = dd[split].map(fn, batched=True, batch_size=1000, remove_columns=dd[split].column_names,
+                                   desc=f"tokenizing {split}")
+            dist.barrier()
+        out[split] = ds.with_format("numpy")
+    if len(out["train"]) == 0:
+        raise UsageError(f"data.source {cfg.source!r}: no training sample of data.seq_len={cfg.seq_len} tokens fits in "
+                         f"the training split; lower data.seq_len or add data")
+    return Prepared(out["train"], out["validation"], tokenizer, head, cfg.seq_len, list(label_names or []))
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+class GlobalSampler:
+    """Global sample index -> training sample index: epoch e is a seeded permutation of the samples."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+        return self._perm
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        g = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(g // self.n):
+            sel = (g // self.n) == epoch
+            out[sel] = self._permutation(int(epoch))[g[sel] % self.n]
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one global batch splits: world x grad_accum micro-batches of micro_batch samples."""
+
+    world: int
+    rank: int
+    micro_batch: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.micro_batch * self.grad_accum
+
+    def positions(self, micro: int) -> slice:
+        """Offsets inside the step's global batch that this rank's micro-batch `micro` takes."""
+        start = (micro * self.world + self.rank) * self.micro_batch
+        return slice(start, start + self.micro_batch)
+
+
+def collate(rows: list[np.ndarray] | np.ndarray, head: str, pad_id: int, labels=None) -> dict[str, torch.Tensor]:
+    """Samples -> tensors. LM rows hold seq_len+1 tokens (inputs + shifted targets); cls rows are inputs."""
+    if head == "lm":
+        lengths = [len(r) for r in rows]
+        width = max(lengths)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        ids_t = torch.from_numpy(ids)
+        tgt = ids_t[:, 1:].clone()
+        mask = torch.arange(width - 1)[None, :] < (torch.tensor(lengths)[:, None] - 1)
+        tgt[~mask] = IGNORE
+        batch = {"input_ids": ids_t[:, :-1].contiguous(), "labels": tgt}
+        if min(lengths) != width:
+            batch["attention_mask"] = mask.long()
+        return batch
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "labels": torch.as_tensor(np.asarray(labels), dtype=torch.long)}
+
+
+def _rows(ds, idx: np.ndarray):
+    got = ds[idx.tolist()]
+    return list(got["input_ids"]), (got["labels"] if "labels" in got else None)
+
+
+class TrainBatches:
+    """Micro-batches of step `s` for this rank, produced ahead on a thread (pinned, non-blocking copies)."""
+
+    def __init__(self, data: Prepared, layout: Layout, seed: int, device: torch.device, start_step: int = 0,
+                 prefetch: int = 2):
+        self.data, self.layout, self.device = data, layout, device
+        self.sampler = GlobalSampler(len(data.train), seed)
+        self.pad_id = data.tokenizer.pad_token_id
+        self.step = start_step
+        self._q: queue.Queue | None = None
+        self._prefetch = prefetch if device.type == "cuda" else 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        lay = self.layout
+        idx = self.sampler.indices(step * lay.global_batch, lay.global_batch)
+        out = []
+        for m in range(lay.grad_accum):
+            rows, labels = _rows(self.data.train, idx[lay.positions(m)])
+            out.append(collate(rows, self.data.head, self.pad_id, labels))
+        return out
+
+    def _to_device(self, mbs):
+        if self.device.type != "cuda":
+            return mbs
+        return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
+
+    def _worker(self):
+        step = self.step
+        while not self._stop.is_set():
+            item = self.micro_batches(step)
+            if self.device.type == "cuda":
+                item = [{k: v.pin_memory() for k, v in mb.items()} for mb in item]
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            step += 1
+
+    def next(self) -> list[dict[str, torch.Tensor]]:
+        """The current step's micro-batches, then advance."""
+        if self._prefetch:
+            if self._thread is None:
+                self._q = queue.Queue(maxsize=self._prefetch)
+                self._thread = threading.Thread(target=self._worker, daemon=True, name="ftl-prefetch")
+                self._thread.start()
+            mbs = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in self._q.get()]
+        else:
+            mbs = self._to_device(self.micro_batches(self.step))
+        self.step += 1
+        return mbs
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def probe_batch(data: Prepared, n: int = 2) -> dict[str, torch.Tensor]:
+    """A fixed small batch (the first validation samples, else training ones) for logit checks."""
+    ds = data.validation if len(data.validation) else data.train
+    rows, labels = _rows(ds, np.arange(min(n, len(ds))))
+    return collate(rows, data.head, data.tokenizer.pad_token_id, labels)
+
+
+def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device: torch.device, max_batches: int = 0):
+    """Validation micro-batches for this rank. Every rank yields the SAME number of batches (ZeRO-3
+    forwards are collectives); positions past the end repeat sample 0 with their targets masked."""
+    ds = data.validation
+    n = len(ds)
+    if n == 0:
+        return
+    per_round = world * micro_batch
+    rounds = -(-n // per_round)
+    if max_batches:
+        rounds = min(rounds, max_batches)
+    for b in range(rounds):
+        pos = np.arange((b * world + rank) * micro_batch, (b * world + rank + 1) * micro_batch)
+        valid = pos < n
+        rows, labels = _rows(ds, np.where(valid, pos, 0))
+        batch = collate(rows, data.head, data.tokenizer.pad_token_id, labels)
+        if not valid.all():
+            v = torch.from_numpy(valid)
+            if data.head == "lm":
+                batch["labels"][~v] = IGNORE
+            else:
+                batch["valid"] = v
+        yield {k: t.to(device) for k, t in batch.items()}

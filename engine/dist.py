@@ -1,0 +1,179 @@
+"""Where this process sits in the job, and the process group.
+
+This is the only module that reads launcher variables: torchrun and the deepspeed launcher set
+RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; `srun` without torchrun sets SLURM_PROCID,
+SLURM_LOCALID, SLURM_NTASKS and the node list, from which the rendezvous address is derived.
+Everything else asks `DistEnv` (or the small helpers below) instead of the environment.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"  # nccl | gloo | none (a single process without a process group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "none"
+
+
+def launcher_env() -> dict[str, int | str]:
+    """Rank layout from the launcher's variables; a plain `python`/`ftl train` is rank 0 of 1."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            "launcher": "torchrun",
+        }
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        # srun started every rank itself (no torchrun agent): derive the rendezvous from SLURM.
+        nodes = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
+        env.setdefault("MASTER_ADDR", nodes[0])
+        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        ntasks = int(env["SLURM_NTASKS"])
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": ntasks,
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "local_world_size": int(per_node) if per_node.isdigit() else max(1, ntasks // max(1, len(nodes))),
+            "launcher": "srun",
+        }
+    return {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1, "launcher": "none"}
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list (`node[01-03],gpu7`); scontrol when present, else a small parser."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist):
+        m = re.fullmatch(r"(.*)\[(.*)\]", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges = m.groups()
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{str(i).zfill(len(lo))}")
+    return hosts or ["localhost"]
+
+
+def slurm_port(job_id: str) -> int:
+    """A master port derived from the job id, so two jobs sharing a node do not collide."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def init(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Join the process group the launcher prepared (nccl on GPU, gloo on CPU) and pick the device."""
+    layout = launcher_env()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        dev = torch.device("cuda", layout["local_rank"] % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if layout["world_size"] == 1 and not torch_dist.is_initialized():
+        return DistEnv(device=dev)
+    backend = "nccl" if use_cuda else "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(
+            backend=backend,
+            rank=int(layout["rank"]),
+            world_size=int(layout["world_size"]),
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    return DistEnv(
+        rank=torch_dist.get_rank(),
+        local_rank=int(layout["local_rank"]),
+        world_size=torch_dist.get_world_size(),
+        local_world_size=int(layout["local_world_size"]),
+        device=dev,
+        backend=torch_dist.get_backend(),
+    )
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op for one process). Stays on device: no host sync."""
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """Rank `src`'s Python object on every rank."""
+    if not torch_dist.is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree_on_error(message: str | None) -> str | None:
+    """Every rank learns whether any rank failed a step that all must take together (invariant 4).
+
+    Call it after work that can fail on one rank only (reading data, building the model): each rank
+    passes its error or None, and all get the first error back, so they raise together instead of
+    leaving the others waiting in the next collective.
+    """
+    if not torch_dist.is_initialized():
+        return message
+    gathered: list = [None] * world_size()
+    torch_dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m), None)

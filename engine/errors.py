@@ -1,0 +1,34 @@
+"""Errors the CLI turns into exit codes.
+
+A `UsageError` is the user's to fix (bad config, missing file, bad column): the CLI prints every problem
+it carries in one message and exits 2, without a traceback. Everything else is a runtime failure.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """One or more problems with what the user asked for; each names the thing to fix."""
+
+    exit_code = 2
+
+    def __init__(self, problems: str | list[str], hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        if len(self.problems) == 1:
+            text = f"error: {self.problems[0]}"
+        else:
+            text = f"error: {len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        if self.hint:
+            text += f"\n{self.hint}"
+        return text
+
+
+def collect(*checks: list[str]) -> list[str]:
+    out: list[str] = []
+    for c in checks:
+        out.extend(c)
+    return out

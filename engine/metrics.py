@@ -1,0 +1,145 @@
+"""What a run reports: metrics.jsonl, TensorBoard scalars, the console, throughput and MFU.
+
+Only rank 0 writes; the other ranks get a `Metrics` whose methods do nothing, so callers never test
+the rank themselves.
+
+MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s of the device, with
+    FLOPs per token = 6 * N + 12 * L * H * Q * T        (PaLM, appendix B)
+N: parameters excluding position embeddings (the tied token embedding counts once: it is the LM-head
+matmul), L layers, H heads, Q head dim, T sequence length. The first term is the weight matmuls of
+forward+backward, the second attention's score and value matmuls. Peak: dense bf16 tensor-core FLOP/s
+(989e12 on H100/H200 SXM, 312e12 on A100); none on CPU, where MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def flops_per_token(n_params_no_pos: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    return 6.0 * n_params_no_pos + 12.0 * n_layer * n_head * head_dim * seq_len
+
+
+def model_flops_per_token(hf_config, n_params: int, seq_len: int) -> float:
+    n_no_pos = n_params - hf_config.n_positions * hf_config.n_embd
+    return flops_per_token(n_no_pos, hf_config.n_layer, hf_config.n_head, hf_config.n_embd // hf_config.n_head, seq_len)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class Metrics:
+    """Rank 0's sink for scalars; `enabled=False` makes every method a no-op."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, start_step: int = 0,
+                 progress: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self._tb = self._jsonl = self._bar = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(run_dir / "tb"))
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                             file=sys.stderr, mininterval=1.0, disable=None)
+
+    def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                tag = k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"{prefix}/{k}")
+                self._tb.add_scalar(tag, v, step)
+        self._tb.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, step)
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+        self.enabled = False
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+class Throughput:
+    """Tokens/s and MFU over the window since the last `read()`; the clock is read at log steps only."""
+
+    def __init__(self, flops_per_token: float, peak: float | None, world: int):
+        self.fpt, self.peak, self.world = flops_per_token, peak, world
+        self._t = time.perf_counter()
+
+    def reset(self) -> None:
+        self._t = time.perf_counter()
+
+    def read(self, tokens: float) -> dict:
+        now = time.perf_counter()
+        dt, self._t = max(now - self._t, 1e-9), now
+        tps = tokens / dt
+        out = {"tokens_per_s": tps}
+        if self.peak:
+            out["mfu"] = tps * self.fpt / (self.peak * self.world)
+        return out
+
+
+def cls_scores(confusion: torch.Tensor) -> dict:
+    """Accuracy and macro-F1 from a confusion matrix [true, predicted] of counts."""
+    c = confusion.double()
+    tp = c.diag()
+    support, predicted = c.sum(1), c.sum(0)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros_like(tp))
+    present = support > 0
+    total = c.sum()
+    return {
+        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+    }

@@ -1,0 +1,161 @@
+"""GPT-2 body (transformers) plus a head, and the module the backends train.
+
+`model.name` is a preset, a local Hugging Face directory or a hub id. Presets give GPT-2 shapes for
+random init without any download; directories and hub ids load real weights through `from_pretrained`.
+The head is `lm` (GPT2LMHeadModel: the output projection is the token embedding, tied) or `cls`
+(GPT2ForSequenceClassification: logits pooled at the last non-pad token). Keeping the stock
+transformers classes means `final/` is exactly what plain `transformers` loads.
+
+`TrainModule` wraps that model for training: its forward returns the SUM of the per-target losses,
+never a mean, because the trainer divides by the global target count of the whole optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine import losses
+from engine.config import ModelConfig
+from engine.errors import UsageError
+
+# name -> (n_layer, n_embd, n_head). Positions are GPT-2's 1024 everywhere.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "gpt2-tiny": (2, 64, 4),
+    "gpt2-mini": (4, 128, 4),
+    "distilgpt2": (6, 768, 12),
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+ENGINE_ONLY_PRESETS = {"gpt2-tiny", "gpt2-mini"}  # no hub model of that name: always random init
+GPT2_VOCAB = 50257
+GPT2_POSITIONS = 1024
+
+
+@dataclass
+class ModelSource:
+    """What `model.name` refers to, resolved before anything is built or downloaded."""
+
+    name: str
+    pretrained: bool  # load weights with from_pretrained
+    local_dir: Path | None
+    config: object | None  # a GPT2Config when known without loading weights
+
+    @property
+    def has_tokenizer(self) -> bool:
+        if self.local_dir is not None:
+            return any((self.local_dir / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+        return self.pretrained  # a hub model ships its tokenizer
+
+
+def preset_config(name: str, vocab_size: int = GPT2_VOCAB):
+    from transformers import GPT2Config
+
+    n_layer, n_embd, n_head = PRESETS[name]
+    return GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=GPT2_POSITIONS, vocab_size=vocab_size,
+        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+    )
+
+
+def resolve(cfg: ModelConfig) -> ModelSource:
+    """Decide preset / local directory / hub id and fetch its config (cheap) for validation."""
+    from transformers import AutoConfig
+
+    name = cfg.name
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model.name {name!r} is a directory without config.json; point it at a Hugging Face model directory")
+        hf_cfg = AutoConfig.from_pretrained(local)
+        if hf_cfg.model_type != "gpt2":
+            raise UsageError(f"model.name {name!r} is a {hf_cfg.model_type!r} model; this engine trains GPT-2-family models")
+        return ModelSource(name, cfg.init != "random", local, hf_cfg)
+    if name in PRESETS and (cfg.init == "random" or name in ENGINE_ONLY_PRESETS):
+        if cfg.init == "pretrained":
+            raise UsageError(f"model.name {name!r} is an engine preset with no pretrained weights; use model.init=auto or random")
+        return ModelSource(name, False, None, preset_config(name))
+    if cfg.init == "random":
+        raise UsageError(f"model.init=random needs a preset ({', '.join(PRESETS)}) or a local directory, not {name!r}")
+    if "/" in name and (name.startswith((".", "/", "~")) or Path(name).suffix):
+        raise UsageError(f"model.name {name!r}: no such directory")
+    return ModelSource(name, True, None, None)  # a hub id; its config comes with the download
+
+
+def _dropout_kwargs(p: float) -> dict:
+    return {"resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p}
+
+
+def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0) -> nn.Module:
+    """The transformers model for `source`, with the tokenizer's vocabulary and pad token."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    cls = GPT2ForSequenceClassification if cfg.head == "cls" else GPT2LMHeadModel
+    extra = dict(_dropout_kwargs(cfg.dropout), attn_implementation=cfg.attn_implementation)
+    if cfg.head == "cls":
+        extra.update(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    if source.pretrained:
+        try:
+            model = cls.from_pretrained(str(source.local_dir or source.name), **extra)
+        except OSError as e:
+            raise UsageError(
+                f"model.name {source.name!r}: not a preset, a local directory, or a reachable hub model ({e})".strip()
+            ) from None
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        hf_cfg = source.config.__class__.from_dict(source.config.to_dict())
+        hf_cfg.vocab_size = len(tokenizer)
+        hf_cfg.bos_token_id = hf_cfg.eos_token_id = tokenizer.eos_token_id
+        attn = extra.pop("attn_implementation")
+        for k, v in extra.items():
+            setattr(hf_cfg, k, v)
+        model = cls._from_config(hf_cfg, attn_implementation=attn)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def max_positions(model_or_config) -> int:
+    c = getattr(model_or_config, "config", model_or_config)
+    return int(c.n_positions)
+
+
+class TrainModule(nn.Module):
+    """The unit a backend wraps: batch in, summed loss out (the trainer owns normalization)."""
+
+    def __init__(self, hf_model: nn.Module, head: str):
+        super().__init__()
+        self.hf = hf_model
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of per-target losses. LM: labels are next tokens, -100 where nothing is predicted.
+
+        cls: labels are class ids; `loss_weights` (per sample) scales each sample's loss, and the
+        trainer normalizes by the global sum of those weights.
+        """
+        if self.head == "lm":
+            hidden = self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return losses.lm_loss_sum(self.hf.lm_head(hidden), labels)
+        logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        return losses.cls_loss_sum(logits, labels, loss_weights)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights once)."""
+    seen = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    return sum(seen.values())

@@ -1,0 +1,353 @@
+"""The training loop.
+
+`Trainer(cfg)` builds everything in the order that keeps bad input harmless: config -> process group
+-> data (columns, labels, non-empty) -> tokenizer -> model shape checks -> ONLY THEN the run directory.
+`train()` is the loop; `train_step()` is one optimizer step over its micro-batches.
+
+The loss of a step is the sum of per-target losses over all its micro-batches and ranks divided by
+the global target count (one all-reduce per step, before the first backward), so any
+world x micro_batch x grad_accum split of the same global batch gives the same loss and update.
+Nothing in the loop reads a device value back except at log steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import backends, checkpoint, data, dist, losses, metrics, model as model_lib, optim
+from engine.config import Config, dump_resolved
+from engine.errors import UsageError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: dist.DistEnv | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.env = env or dist.init(cfg.train.device, cfg.dist.timeout_s)
+        self.run_dir = cfg.run_dir
+        self.log = print if self.env.is_main else (lambda *a, **k: None)
+        self.backend = backends.create(cfg, self.env)
+
+        # 1. Decide whether to resume (before anything is written) and validate data + model.
+        self.resume_from = self._resume_target()
+        self.source = model_lib.resolve(cfg.model)
+        self.data = self._prepare_data()
+        self._check_shapes()
+
+        # 2. Build the model: identical init on every rank, then per-rank RNG streams for dropout.
+        seed_everything(cfg.run.seed)
+        with self.backend.construct():
+            hf = model_lib.build(cfg.model, self.source, self.data.tokenizer, self.data.num_labels)
+        if self.data.label_names:
+            hf.config.id2label = dict(enumerate(self.data.label_names))
+            hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
+        self.hf_config = hf.config
+        self.n_params = model_lib.num_parameters(hf)
+        module = model_lib.TrainModule(hf, cfg.model.head)
+        self.backend.setup(module, optim.param_groups(module, cfg.optim.weight_decay))
+        if cfg.model.compile:
+            self.backend.compile()
+        seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1))
+
+        # 3. Everything checked: create the run directory (rank 0) and restore state.
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_resolved(cfg, self.run_dir / "config.yaml")
+            self.data.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        dist.barrier()
+        self.layout = data.Layout(self.env.world_size, self.env.rank, cfg.train.micro_batch, cfg.train.grad_accum)
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep, self.env.rank, self.env.world_size)
+        self.step, self.tokens_seen, self.sample_index = 0, 0.0, 0
+        if self.resume_from is not None:
+            state = self.checkpointer.load(self.resume_from, self.backend)
+            self.step, self.tokens_seen = int(state["step"]), float(state["tokens"])
+            self.sample_index = int(state["sample_index"])
+            self.log(f"resumed from {self.resume_from} at step {self.step}")
+        self.batches = data.TrainBatches(self.data, self.layout, cfg.run.seed, self.env.device, self.sample_index)
+        self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress)
+        fpt = metrics.model_flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
+        self.throughput = metrics.Throughput(fpt, metrics.peak_flops(self.env.device), self.env.world_size)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _resume_target(self) -> Path | None:
+        r = self.cfg.checkpoint.resume
+        if r == "none":
+            return None
+        if r != "auto":
+            path = Path(r)
+            if not checkpoint.is_complete(path):
+                raise UsageError(f"checkpoint.resume {r!r} is not a complete checkpoint directory "
+                                 f"(it needs {checkpoint.STATE} and {checkpoint.COMPLETE})")
+            return path
+        return checkpoint.find_latest(self.run_dir / "checkpoints")
+
+    def _prepare_data(self) -> data.Prepared:
+        """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
+        cfg = self.cfg
+        problem, prepared = None, None
+        try:
+            raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
+            tokenizer = self._tokenizer(raw)
+            prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels)
+        except UsageError as e:
+            problem = e
+        # Ranks agree before going on, so a bad file on one rank cannot leave the others waiting.
+        first = dist.agree_on_error(problem.render() if problem else None)
+        if first:
+            raise problem or UsageError(first.removeprefix("error: "))
+        return prepared
+
+    def _tokenizer(self, raw):
+        cfg = self.cfg
+        if cfg.data.tokenizer:
+            return data.load_tokenizer(cfg.data.tokenizer)
+        if self.resume_from is not None and (self.run_dir / "tokenizer").is_dir():
+            return data.load_tokenizer(str(self.run_dir / "tokenizer"))  # the run's own, as trained
+        if self.source.has_tokenizer:
+            return data.load_tokenizer(str(self.source.local_dir or self.source.name))
+        blob = None
+        if self.env.is_main:
+            tok = data.train_bpe(data.text_iterator(raw["train"], cfg.data.text_column), cfg.data.tokenizer_vocab)
+            blob = tok.backend_tokenizer.to_str()
+        return data.tokenizer_from_json(dist.broadcast_object(blob))
+
+    def _check_shapes(self) -> None:
+        cfg, problems = self.cfg, []
+        if self.source.config is not None:
+            positions = model_lib.max_positions(self.source.config)
+            if cfg.data.seq_len > positions:
+                problems.append(f"data.seq_len={cfg.data.seq_len} exceeds the model's {positions} positions; "
+                                f"lower data.seq_len")
+        if cfg.model.head == "cls" and cfg.model.num_labels and self.data.num_labels > cfg.model.num_labels:
+            problems.append(f"model.num_labels={cfg.model.num_labels} but the data has {self.data.num_labels} labels")
+        if problems:
+            raise UsageError(problems)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        cfg, m = self.cfg, self.metrics
+        if self.step >= cfg.train.max_steps and (self.run_dir / "final").is_dir():
+            m.print(f"run already complete at step {self.step}: {self.run_dir.resolve()} "
+                    f"(raise train.max_steps to continue, or set run.dir for a new run)")
+            m.close()
+            return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
+        if self.step == 0:
+            before = self.evaluate()
+            m.log(0, before)
+            m.print(f"eval before training: {_fmt(before)}")
+        m.print(self._banner())
+        window_loss = torch.zeros(2, device=self.env.device)  # [summed loss, targets] since the last log
+        window_tokens = torch.zeros((), device=self.env.device)
+        self.throughput.reset()
+        result: dict = {}
+        while self.step < cfg.train.max_steps:
+            loss_sum, count, tokens, grad_norm, lr = self.train_step(self.batches.next())
+            self.step += 1
+            self.sample_index += self.layout.global_batch
+            window_loss += torch.stack([loss_sum, count])
+            window_tokens += tokens
+
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                # The one sync point: reduce the window's sums and read them back.
+                dist.all_reduce_sum(window_loss)
+                dist.all_reduce_sum(window_tokens)
+                (loss_total, targets), tok = window_loss.tolist(), float(window_tokens)
+                self.tokens_seen += tok
+                row = {"loss": loss_total / max(targets, 1.0), "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens": self.tokens_seen, **self.throughput.read(tok)}
+                m.log(self.step, row)
+                m.print(f"step {self.step}/{cfg.train.max_steps} | " + _fmt(row))
+                window_loss.zero_(), window_tokens.zero_()
+                result = row
+            m.advance(1)
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
+                ev = self.evaluate()
+                m.log(self.step, ev)
+                m.print(f"eval at step {self.step}: {_fmt(ev)}")
+                self.throughput.reset()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                self.save_checkpoint()
+                self.throughput.reset()
+        return self.finish(result)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]):
+        """One optimizer step. Returns device tensors (summed loss, targets, tokens, grad norm) and the lr."""
+        head, backend = self.cfg.model.head, self.backend
+        counts = torch.stack([losses.target_count(mb, head) for mb in micro_batches])
+        global_count = dist.all_reduce_sum(counts.sum())
+        # Each rank's share of the global mean; DDP/DeepSpeed then average over ranks, hence * world.
+        scale = self.env.world_size / global_count.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.env.device)
+        tokens = torch.zeros((), device=self.env.device)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with backend.accumulate(last), backend.autocast():
+                summed = backend.model(**mb)
+            backend.backward(summed * scale, last)
+            loss_sum += summed.detach().float()
+            tokens += mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
+        lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        grad_norm = backend.step(lr, self.cfg.train.clip_grad)
+        return loss_sum, counts.sum(), tokens, grad_norm, lr
+
+    # ------------------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict:
+        return evaluate(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
+                        self.cfg.train.eval_batches, self.backend.autocast)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict:
+        return {"tokens": self.tokens_seen, "sample_index": self.sample_index,
+                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict()}
+
+    def save_checkpoint(self) -> Path:
+        def extras(d: Path) -> None:
+            self.hf_config.to_json_file(d / "config.json")
+            self.data.tokenizer.save_pretrained(d / "tokenizer")
+
+        path = self.checkpointer.save(self.step, self.backend, self.trainer_state(), extras)
+        self.metrics.print(f"checkpoint saved: {path}")
+        return path
+
+    def export(self, out: Path) -> None:
+        """final/ as plain transformers files, then reloaded and checked against the engine's logits."""
+        state = self.backend.full_state_dict()
+        if self.env.is_main:
+            checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
+                                 self.data.label_names)
+        dist.barrier()
+        self.verify_export(out)
+
+    def verify_export(self, out: Path, atol: float = 1e-4) -> float:
+        """Max |logit difference| between the engine's model and `out` reloaded by plain transformers."""
+        probe = {k: v.to(self.env.device) for k, v in data.probe_batch(self.data).items()}
+        module = self.backend.module
+        was = module.training
+        module.eval()
+        with torch.no_grad():
+            ours = module.logits(probe["input_ids"], probe.get("attention_mask")).float().cpu()
+        module.train(was)
+        diff = 0.0
+        if self.env.is_main:
+            reloaded = load_exported(out, self.cfg.model.head)
+            with torch.no_grad():
+                theirs = reloaded(input_ids=probe["input_ids"].cpu(),
+                                  attention_mask=probe["attention_mask"].cpu() if "attention_mask" in probe else None
+                                  ).logits.float()
+            diff = float((ours - theirs).abs().max())
+            if not diff <= atol * max(1.0, float(theirs.abs().max())):
+                raise RuntimeError(f"exported model {out} does not reproduce the engine's logits "
+                                   f"(max abs difference {diff:.3g})")
+        return diff
+
+    def finish(self, last_row: dict) -> dict:
+        m = self.metrics
+        self.batches.close()
+        ckpt = self.save_checkpoint()
+        final = self.run_dir / "final"
+        self.export(final)
+        after = self.evaluate()
+        m.log(self.step, after)
+        m.print(f"eval after training: {_fmt(after)}")
+        summary = {"step": self.step, **last_row, **after, "final": str(final), "checkpoint": str(ckpt)}
+        if self.env.is_main:
+            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens:
+                text = sample(final, self.cfg.train.sample_prompt, self.cfg.train.sample_tokens, self.cfg.run.seed)
+                m.text("sample", text, self.step)
+                m.print("sample: " + json.dumps(text))
+                summary["sample"] = text
+            m.print(f"run directory: {self.run_dir.resolve()}")
+        m.close()
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.batches.close()
+        self.backend.close()
+
+    def _banner(self) -> str:
+        c, lay = self.cfg, self.layout
+        return (f"model {c.model.name} ({self.n_params / 1e6:.2f}M params, head={c.model.head}) | "
+                f"backend {self.backend.name} x{self.env.world_size} on {self.env.device.type} | "
+                f"global batch {lay.global_batch} = {lay.world} ranks x {lay.micro_batch} x {lay.grad_accum} accum | "
+                f"seq {c.data.seq_len} | {len(self.data.train)} train / {len(self.data.validation)} eval samples")
+
+
+@torch.no_grad()
+def evaluate(module, prepared: data.Prepared, env: dist.DistEnv, micro_batch: int, max_batches: int = 0,
+             autocast=contextlib.nullcontext) -> dict:
+    """Eval loss and perplexity (lm) or loss, accuracy and macro-F1 (cls) on the validation split,
+    reduced over ranks. Every rank must call it (ZeRO-3 forwards are collectives)."""
+    head = prepared.head
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # [loss, count]
+    k = max(1, prepared.num_labels)
+    confusion = torch.zeros(k, k, device=env.device, dtype=torch.float64)
+    for batch in data.eval_batches(prepared, env.world_size, env.rank, micro_batch, env.device, max_batches):
+        with autocast():
+            if head == "lm":
+                s, n = module(**batch), losses.target_count(batch, head)
+            else:
+                logits = module.logits(batch["input_ids"], batch["attention_mask"]).float()
+                valid = batch.get("valid", torch.ones_like(batch["labels"], dtype=torch.bool))
+                per = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                s, n = (per * valid).sum(), valid.sum()
+                idx = batch["labels"][valid] * k + logits.argmax(-1)[valid]
+                confusion.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        sums += torch.stack([s.double(), n.double()])
+    dist.all_reduce_sum(sums)
+    if head == "cls":
+        dist.all_reduce_sum(confusion)
+    module.train(was_training)
+    loss_total, count = sums.tolist()
+    if count == 0:
+        return {}
+    out = {"eval_loss": loss_total / count}
+    if head == "lm":
+        out["eval_ppl"] = math.exp(min(out["eval_loss"], 700.0))
+    else:
+        scores = metrics.cls_scores(confusion.cpu())
+        out.update(eval_accuracy=scores["accuracy"], eval_macro_f1=scores["macro_f1"])
+    return out
+
+
+def _fmt(row: dict) -> str:
+    parts = []
+    for k, v in row.items():
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4g}" if k != "lr" else f"{k} {v:.3e}")
+        else:
+            parts.append(f"{k} {v}")
+    return " | ".join(parts)
+
+
+def load_exported(path: Path, head: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+    return auto.from_pretrained(path).eval()
+
+
+def sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int, temperature: float = 0.8,
+           top_k: int = 40, top_p: float = 1.0) -> str:
+    """A short generated continuation from an exported model (rank 0, after training)."""
+    tok = data.load_tokenizer(str(model_dir))
+    model = load_exported(model_dir, "lm")
+    torch.manual_seed(seed)
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                         top_k=top_k, top_p=top_p, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)

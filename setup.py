@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ftl-engine",
+    version="0.1.0",
+    description="Distributed fine-tuning engine for GPT-2-family models (DDP and DeepSpeed ZeRO).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["engine", "engine.*"]),
+    python_requires=">=3.10",
+    # torch keeps only a lower bound: CPU machines install the local CPU wheel first
+    # (pip install torch==2.13.0), GPU machines keep the CUDA build they already have.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "deepspeed>=0.15",
+        "datasets>=3.0",
+        "tokenizers>=0.20",
+        "tensorboard>=2.15",
+        "click>=8.1",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["ftl=engine.cli:main"]},
+)
