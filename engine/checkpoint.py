@@ -154,6 +154,12 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
         cfg.id2label = dict(enumerate(label_names))
         cfg.label2id = {n: i for i, n in enumerate(label_names)}
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+    state_dict = dict(state_dict)
+    # Tied weights are stored under one name only (safetensors refuses shared storage): restore both.
+    for a, b in (("lm_head.weight", "transformer.wte.weight"),):
+        if head == "lm" and (a in state_dict) != (b in state_dict):
+            state_dict.setdefault(a, state_dict.get(b))
+            state_dict.setdefault(b, state_dict.get(a))
     with torch.device("meta"):
         model = auto.from_config(cfg)
     model.load_state_dict(state_dict, strict=False, assign=True)

@@ -111,6 +111,8 @@ def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
         try:
             dd = datasets.load_dataset(kind, data_files={"train": files}, **kw)
         except Exception as e:  # datasets raises many types for unreadable files
+            if "corresponds to no data" in str(e):
+                raise UsageError(f"data.source {src!r}: the training split is empty") from None
             raise UsageError(f"data.source {src!r}: cannot read it as {kind}: {type(e).__name__}: {e}") from None
     else:
         name, _, config = src.partition(":")

@@ -1,0 +1,121 @@
+"""Shared fixtures: an offline environment, tiny configs, and helpers that run the real CLI / torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Offline everywhere: no hub lookups for models or datasets, in this process and in subprocesses.
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "DS_ACCELERATOR": "cpu",
+    "PYTHONUNBUFFERED": "1",
+}
+os.environ.update(OFFLINE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """One datasets cache for the session (tokenization is cached across tests), not the user's."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+    yield cache
+
+
+def tiny_overrides(run_dir: Path, **extra) -> list[str]:
+    """--set arguments for a seconds-long run of the tiny model on the pydoc corpus."""
+    base = {
+        "run.dir": str(run_dir),
+        "model.name": "gpt2-tiny",
+        "data.seq_len": 32,
+        "data.tokenizer_vocab": 512,
+        "train.micro_batch": 4,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.eval_batches": 2,
+        "train.sample_tokens": 8,
+        "optim.warmup_steps": 2,
+    }
+    base.update(extra)
+    out = []
+    for k, v in base.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def tiny_config(run_dir: Path, **extra):
+    from engine.config import load_config
+
+    args = tiny_overrides(run_dir, **extra)
+    return load_config(None, [args[i + 1] for i in range(0, len(args), 2)])
+
+
+def env_for_subprocess(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(OFFLINE)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def run_ftl(args: list[str], cwd: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """`ftl ARGS` as a real subprocess (python -m engine.cli, same interpreter)."""
+    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env_for_subprocess(**env))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300, extra_torchrun: list[str] | None = None,
+             **env) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m engine.cli ARGS` on loopback with a free port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra_torchrun or []),
+           "-m", "engine.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env_for_subprocess(**env))
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.fixture
+def variable_length_corpus(tmp_path) -> Path:
+    """A JSONL corpus whose documents have very different lengths, so unpacked micro-batches carry
+    different numbers of target tokens (what exposes per-micro-batch averaging)."""
+    import pydoc_data.topics
+
+    texts = list(pydoc_data.topics.topics.values())
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as f:
+        for i, t in enumerate(texts[:64]):
+            f.write(json.dumps({"text": t[: 20 + (i * 37) % 400]}) + "\n")
+    return path

@@ -1,0 +1,66 @@
+"""Bad input: one clear message naming every problem, exit code 2, no traceback, nothing written."""
+
+import json
+
+import pytest
+
+from engine.cli import main
+from tests.conftest import run_ftl, tiny_overrides
+
+
+def _files(tmp_path):
+    (tmp_path / "nocol.jsonl").write_text('{"body": "some text here", "topic": 1}\n' * 4)
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps({"text": f"sample {i} text", "label": i % 3 * 2}) + "\n"
+                                                   for i in range(12)))
+    (tmp_path / "empty.csv").write_text("text\n")
+    (tmp_path / "short.jsonl").write_text('{"text": "too short"}\n' * 3)
+    (tmp_path / "nomodel").mkdir()
+
+
+CASES = [
+    # (id, overrides, expected fragments)
+    ("unknown-key", ["train.max_stpes=3"], ["unknown config key 'train.max_stpes'; did you mean 'train.max_steps'?"]),
+    ("wrong-type", ["train.micro_batch=four", "model.compile=sometimes"],
+     ["train.micro_batch must be an integer (got 'four')", "model.compile must be true or false"]),
+    ("non-positive", ["train.micro_batch=0", "optim.lr=0", "train.grad_accum=-1"],
+     ["3 problems", "train.micro_batch must be positive", "optim.lr must be positive", "train.grad_accum must be positive"]),
+    ("seq-beyond-positions", ["data.seq_len=2048"], ["data.seq_len=2048 exceeds the model's 1024 positions"]),
+    ("missing-data-file", ["data.source={tmp}/missing.jsonl"], ["no such file", "missing.jsonl"]),
+    ("missing-column", ["data.source={tmp}/nocol.jsonl"],
+     ["data.text_column 'text' is not in the data; columns: body, topic"]),
+    ("missing-label-column", ["data.source={tmp}/nocol.jsonl", "model.head=cls", "data.text_column=body"],
+     ["data.label_column 'label' is not in the data; columns: body, topic"]),
+    ("labels-outside-num-labels", ["data.source={tmp}/labels.jsonl", "model.head=cls", "model.num_labels=3"],
+     ["labels [4] in column 'label' are outside 0..2"]),
+    ("empty-split", ["data.source={tmp}/empty.csv"], ["the training split is empty"]),
+    ("nothing-fits", ["data.source={tmp}/short.jsonl", "data.val_fraction=0"],
+     ["no training sample of data.seq_len=32 tokens fits"]),
+    ("model-dir-without-config", ["model.name={tmp}/nomodel"], ["is a directory without config.json"]),
+    ("bad-resume-path", ["checkpoint.resume={tmp}"], ["is not a complete checkpoint directory"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_naming_the_problem(case, tmp_path, capsys):
+    _, overrides, expected = case
+    _files(tmp_path)
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir)
+    for o in overrides:
+        args += ["--set", o.format(tmp=tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    for fragment in expected:
+        assert fragment in err, err
+    assert "Traceback" not in err
+    assert not run_dir.exists(), "nothing may be written for bad input"
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = run_ftl(["train", str(tmp_path / "nope.yaml")])
+    assert proc.returncode == 2 and "config file not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_ftl(["train", *tiny_overrides(tmp_path / "r"), "--set", "data.source=/definitely/not/here.csv"])
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
