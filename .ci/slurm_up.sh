@@ -143,6 +143,9 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$JOBCOMP_LOG
 
 SchedulerType=sched/backfill
+# Start jobs within ~1 s of submission / of becoming eligible (defaults:
+# batch_sched_delay=3, sched_interval=60, bf_interval=30 -> a requeued job
+# waited up to 30 s more after its BeginTime).
 SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 # Cores only: memory is not a consumable resource, so jobs without --mem do
@@ -160,16 +163,24 @@ MinJobAge=60
 KillWait=10
 # Kill exactly at --time (no extra minutes) so time-limit tests are exact.
 OverTimeLimit=0
-# No automatic preemption: tests "preempt" with scancel --signal + requeue.
-PreemptType=preempt/none
-PreemptMode=OFF
+# Real preemption, opt-in: a job submitted to partition "urgent" (higher
+# PriorityTier) preempts jobs of "debug", which are then REQUEUEd (not
+# cancelled, not suspended: CPU jobs cannot be gang-suspended usefully and a
+# trainer must resume from its checkpoint).  preempt_send_user_signal sends
+# the victim its --signal (e.g. B:USR1) at once; it then has GraceTime (+ up
+# to 30 s, slurmctld's fixed time-limit tick) before SIGTERM, KillWait later
+# SIGKILL.  Plain "scancel --signal=USR1" + "scontrol requeue" works too.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
 ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
 Waittime=0
 
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$real_mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=10
+PartitionName=urgent Nodes=$NODE Default=NO MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 
 conf_changed=0
@@ -192,18 +203,24 @@ fi
 # --------------------------------------------------------------------------
 # 4. daemons
 # --------------------------------------------------------------------------
-pid_alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# pid file exists, process alive and really is that daemon (pid reuse after reboot)
+pid_alive() {
+    local pid
+    [[ -s "$1" ]] || return 1
+    pid=$(cat "$1")
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" == "$2" ]]
+}
 
-if ((conf_changed)) && { pid_alive "$CTLD_PID" || pid_alive "$SLURMD_PID"; }; then
+if ((conf_changed)) && { pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; }; then
     log "slurm.conf changed: restarting daemons"
     scontrol shutdown >/dev/null 2>&1 || true
     for _ in $(seq 1 100); do
-        pid_alive "$CTLD_PID" || pid_alive "$SLURMD_PID" || break
+        pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd || break
         sleep 0.1
     done
 fi
 
-if pid_alive "$CTLD_PID"; then
+if pid_alive "$CTLD_PID" slurmctld; then
     log "slurmctld already running (pid $(cat "$CTLD_PID"))"
 else
     log "starting slurmctld"
@@ -215,7 +232,7 @@ for _ in $(seq 1 "$((TIMEOUT * 10))"); do
 done
 scontrol ping 2>/dev/null | grep -q 'is UP' || { dump_logs; die "slurmctld did not answer within ${TIMEOUT}s"; }
 
-if pid_alive "$SLURMD_PID"; then
+if pid_alive "$SLURMD_PID" slurmd; then
     log "slurmd already running (pid $(cat "$SLURMD_PID"))"
 else
     log "starting slurmd"

@@ -33,6 +33,21 @@ def opt(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+def positive(key: str, value, allow_zero: bool = False) -> list[str]:
+    if value < 0 or (value == 0 and not allow_zero):
+        return [f"{key} must be {'>= 0' if allow_zero else 'positive'} (got {value})"]
+    return []
+
+
+def within(key: str, value: float, lo: float, hi: float, hi_open: bool = False) -> list[str]:
+    if lo <= value < hi if hi_open else lo <= value <= hi:
+        return []
+    return [f"{key} must be within [{lo}, {hi}{')' if hi_open else ']'} (got {value})"]
+
+
+# Each section validates its own keys in `problems(cfg)` (cfg: the whole Config, for cross-section rules).
+
+
 @dataclass
 class RunConfig:
     name: str = opt("default", "Name of the run; the run directory defaults to runs/<name>.")
@@ -60,6 +75,12 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "Recompute each block's activations in backward to save memory.")
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa (flash/memory-efficient) or eager.", ("sdpa", "eager"))
 
+    def problems(self, cfg: "Config") -> list[str]:
+        p = within("model.dropout", self.dropout, 0.0, 1.0, hi_open=True) + positive("model.num_labels", self.num_labels, True)
+        if self.head == "lm" and self.num_labels:
+            p.append("model.num_labels is only used with model.head=cls; remove it or set model.head=cls")
+        return p
+
 
 @dataclass
 class DataConfig:
@@ -76,6 +97,14 @@ class DataConfig:
     tokenizer_vocab: int = opt(4096, "Vocabulary size of a locally trained BPE tokenizer.")
     pack: bool = opt(True, "LM: concatenate documents (EOS between them) and cut into full blocks; false: one padded sample per document.")
 
+    def problems(self, cfg: "Config") -> list[str]:
+        p = positive("data.seq_len", self.seq_len) + within("data.val_fraction", self.val_fraction, 0.0, 1.0, True)
+        if self.tokenizer_vocab < 256 + 1:
+            p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {self.tokenizer_vocab})")
+        if not self.source.strip():
+            p.append("data.source is empty: name a builtin:<name>, a file or a hub dataset")
+        return p
+
 
 @dataclass
 class TrainConfig:
@@ -91,6 +120,12 @@ class TrainConfig:
     sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head; 0 disables).")
     sample_prompt: str = opt("The ", "Prompt of that sample.")
 
+    def problems(self, cfg: "Config") -> list[str]:
+        return (positive("train.micro_batch", self.micro_batch) + positive("train.grad_accum", self.grad_accum)
+                + positive("train.max_steps", self.max_steps) + positive("train.log_every", self.log_every)
+                + positive("train.eval_every", self.eval_every, True) + positive("train.eval_batches", self.eval_batches, True)
+                + positive("train.clip_grad", self.clip_grad, True) + positive("train.sample_tokens", self.sample_tokens, True))
+
 
 @dataclass
 class OptimConfig:
@@ -102,6 +137,14 @@ class OptimConfig:
     warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
 
+    def problems(self, cfg: "Config") -> list[str]:
+        p = (positive("optim.lr", self.lr) + positive("optim.weight_decay", self.weight_decay, True)
+             + positive("optim.eps", self.eps) + positive("optim.warmup_steps", self.warmup_steps, True)
+             + within("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            p.append(f"optim.betas must be two numbers in [0, 1) (got {self.betas})")
+        return p
+
 
 @dataclass
 class DistConfig:
@@ -111,12 +154,28 @@ class DistConfig:
     offload: str = opt("none", "DeepSpeed CPU offload of optimizer state (and parameters at stage 3).", ("none", "cpu"))
     timeout_s: int = opt(1800, "Collective timeout in seconds (process-group start-up and every collective).")
 
+    def problems(self, cfg: "Config") -> list[str]:
+        p = positive("dist.timeout_s", self.timeout_s)
+        if self.zero_stage not in (0, 1, 2, 3):
+            p.append(f"dist.zero_stage must be 0, 1, 2 or 3 (got {self.zero_stage})")
+        if self.backend != "deepspeed" and (self.zero_stage or self.ds_config or self.offload != "none"):
+            p.append("dist.zero_stage / dist.ds_config / dist.offload need dist.backend=deepspeed")
+        if self.ds_config and not Path(self.ds_config).is_file():
+            p.append(f"dist.ds_config: no such file {self.ds_config!r}")
+        return p
+
 
 @dataclass
 class CheckpointConfig:
     every: int = opt(0, "Save a checkpoint every N steps (0: only at the end).")
     keep: int = opt(2, "Keep the newest N checkpoints.")
     resume: str = opt("auto", "auto: newest complete checkpoint in the run directory; none: start fresh; or a checkpoint path.")
+
+    def problems(self, cfg: "Config") -> list[str]:
+        p = positive("checkpoint.every", self.every, True) + positive("checkpoint.keep", self.keep)
+        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            p.append(f"checkpoint.resume: no checkpoint at {self.resume!r} (use auto, none or an existing checkpoint directory)")
+        return p
 
 
 @dataclass
@@ -149,52 +208,7 @@ class Config:
                 value = getattr(sec, f.name)
                 if choices and value not in choices:
                     p.append(f"{section.name}.{f.name} must be one of {', '.join(map(str, choices))} (got {value!r})")
-
-        def positive(key: str, value, allow_zero: bool = False):
-            if value < 0 or (value == 0 and not allow_zero):
-                p.append(f"{key} must be {'>= 0' if allow_zero else 'positive'} (got {value})")
-
-        t, o, d = self.train, self.optim, self.data
-        positive("train.micro_batch", t.micro_batch)
-        positive("train.grad_accum", t.grad_accum)
-        positive("train.max_steps", t.max_steps)
-        positive("train.log_every", t.log_every)
-        positive("train.eval_every", t.eval_every, allow_zero=True)
-        positive("train.eval_batches", t.eval_batches, allow_zero=True)
-        positive("train.clip_grad", t.clip_grad, allow_zero=True)
-        positive("train.sample_tokens", t.sample_tokens, allow_zero=True)
-        positive("optim.lr", o.lr)
-        positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-        positive("optim.eps", o.eps)
-        positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-        if not 0.0 <= o.min_lr_ratio <= 1.0:
-            p.append(f"optim.min_lr_ratio must be within [0, 1] (got {o.min_lr_ratio})")
-        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-            p.append(f"optim.betas must be two numbers in [0, 1) (got {o.betas})")
-        positive("data.seq_len", d.seq_len)
-        if not 0.0 <= d.val_fraction < 1.0:
-            p.append(f"data.val_fraction must be within [0, 1) (got {d.val_fraction})")
-        if d.tokenizer_vocab < 256 + 1:
-            p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {d.tokenizer_vocab})")
-        if not d.source.strip():
-            p.append("data.source is empty: name a builtin:<name>, a file or a hub dataset")
-        if not 0.0 <= self.model.dropout < 1.0:
-            p.append(f"model.dropout must be within [0, 1) (got {self.model.dropout})")
-        positive("model.num_labels", self.model.num_labels, allow_zero=True)
-        if self.model.head == "lm" and self.model.num_labels:
-            p.append("model.num_labels is only used with model.head=cls; remove it or set model.head=cls")
-        if self.dist.zero_stage not in (0, 1, 2, 3):
-            p.append(f"dist.zero_stage must be 0, 1, 2 or 3 (got {self.dist.zero_stage})")
-        if self.dist.backend != "deepspeed" and (self.dist.zero_stage or self.dist.ds_config or self.dist.offload != "none"):
-            p.append("dist.zero_stage / dist.ds_config / dist.offload need dist.backend=deepspeed")
-        if self.dist.ds_config and not Path(self.dist.ds_config).is_file():
-            p.append(f"dist.ds_config: no such file {self.dist.ds_config!r}")
-        positive("dist.timeout_s", self.dist.timeout_s)
-        positive("checkpoint.every", self.checkpoint.every, allow_zero=True)
-        positive("checkpoint.keep", self.checkpoint.keep)
-        r = self.checkpoint.resume
-        if r not in ("auto", "none") and not Path(r).exists():
-            p.append(f"checkpoint.resume: no checkpoint at {r!r} (use auto, none or an existing checkpoint directory)")
+            p += sec.problems(self) if hasattr(sec, "problems") else []
         return p
 
 

@@ -7,10 +7,16 @@ it carries in one message and exits 2, without a traceback. Everything else is a
 from __future__ import annotations
 
 
+# Exit codes of `ftl train` (job scripts branch on them).
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal after saving a checkpoint; requeue and resume
+
+
 class UsageError(Exception):
     """One or more problems with what the user asked for; each names the thing to fix."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, problems: str | list[str], hint: str | None = None):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
