@@ -102,6 +102,11 @@ fi
 # --------------------------------------------------------------------------
 install -d -m 0755 "$CONF_DIR" "$LOG_DIR"
 install -d -m 0700 "$STATE_DIR" "$SPOOL_DIR"
+# Fresh controller state => job ids restart at 1: move the old job completion
+# log aside so a JobId never matches a record from an earlier incarnation.
+if [[ ! -e "$STATE_DIR/job_state" && -s "$JOBCOMP_LOG" ]]; then
+    mv -f "$JOBCOMP_LOG" "$JOBCOMP_LOG.old"
+fi
 touch "$JOBCOMP_LOG"
 
 mem_mib=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
@@ -156,6 +161,9 @@ SlurmdParameters=config_overrides
 
 # Requeue: allowed by default for batch jobs ('scontrol requeue', node fail).
 JobRequeue=1
+# A batch job exiting 75 (EX_TEMPFAIL, the engine's EXIT_PREEMPTED: stopped
+# on a signal after saving a checkpoint) is requeued by slurmctld itself.
+RequeueExit=75
 # Keep finished job records in slurmctld for >= 60 s (+ up to 60 s purge
 # interval) so 'scontrol show job' still answers right after completion.
 MinJobAge=60
@@ -183,10 +191,8 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTi
 PartitionName=urgent Nodes=$NODE Default=NO MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 
-conf_changed=0
 if ! cmp -s "$new_conf" "$CONF_DIR/slurm.conf"; then
     install -m 0644 "$new_conf" "$CONF_DIR/slurm.conf"
-    conf_changed=1
     log "wrote $CONF_DIR/slurm.conf"
 fi
 # No cgroup plugins are used (proctrack/linuxproc, task/none); an explicit
@@ -208,15 +214,28 @@ pid_alive() {
     local pid
     [[ -s "$1" ]] || return 1
     pid=$(cat "$1")
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" == "$2" ]]
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" == "$2" ]] || return 1
+    [[ "$(ps -o stat= -p "$pid" 2>/dev/null || true)" != Z* ]]  # not a zombie
 }
 
-if ((conf_changed)) && { pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; }; then
-    log "slurm.conf changed: restarting daemons"
+# Hash of the config the running daemons were (re)started with; written only
+# once the node is up, so an interrupted run is finished properly next time.
+APPLIED=/run/ftl-slurm-conf.sha256
+conf_hash=$(cat "$CONF_DIR/slurm.conf" "$CONF_DIR/cgroup.conf" | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$APPLIED" 2>/dev/null || true)" != "$conf_hash" ]] &&
+    { pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; }; then
+    log "config differs from the one the daemons run with: restarting them"
     scontrol shutdown >/dev/null 2>&1 || true
     for _ in $(seq 1 100); do
         pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd || break
         sleep 0.1
+    done
+    for pair in "$CTLD_PID:slurmctld" "$SLURMD_PID:slurmd"; do
+        if pid_alive "${pair%%:*}" "${pair##*:}"; then
+            log "${pair##*:} still running after 10 s: SIGKILL"
+            kill -KILL "$(cat "${pair%%:*}")" 2>/dev/null || true
+            rm -f "${pair%%:*}"
+        fi
     done
 fi
 
@@ -268,6 +287,7 @@ idle | mixed | allocated | completing) ;;
     ;;
 esac
 
+printf '%s\n' "$conf_hash" >"$APPLIED"
 log "cluster up: node $NODE is $state"
 sinfo
 log "config:  $CONF_DIR/slurm.conf"
