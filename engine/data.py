@@ -384,22 +384,26 @@ def _rows(ds, idx: np.ndarray):
 
 
 class TrainBatches:
-    """Micro-batches of step `s` for this rank, produced ahead on a thread (pinned, non-blocking copies)."""
+    """This rank's micro-batches of consecutive global batches, starting at global sample index
+    `start_sample` (the data position a checkpoint stores), produced ahead on a thread on CUDA
+    (pinned, non-blocking copies). Addressing by sample rather than by step is what lets a run
+    resumed with another world size or global batch continue the same stream."""
 
-    def __init__(self, data: Prepared, layout: Layout, seed: int, device: torch.device, start_step: int = 0,
+    def __init__(self, data: Prepared, layout: Layout, seed: int, device: torch.device, start_sample: int = 0,
                  prefetch: int = 2):
         self.data, self.layout, self.device = data, layout, device
         self.sampler = GlobalSampler(len(data.train), seed)
         self.pad_id = data.tokenizer.pad_token_id
-        self.step = start_step
+        self.sample = start_sample
         self._q: queue.Queue | None = None
         self._prefetch = prefetch if device.type == "cuda" else 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def micro_batches(self, start_sample: int) -> list[dict[str, torch.Tensor]]:
+        """The global batch [start_sample, start_sample + global_batch): this rank's micro-batches."""
         lay = self.layout
-        idx = self.sampler.indices(step * lay.global_batch, lay.global_batch)
+        idx = self.sampler.indices(start_sample, lay.global_batch)
         out = []
         for m in range(lay.grad_accum):
             rows, labels = _rows(self.data.train, idx[lay.positions(m)])
@@ -412,9 +416,9 @@ class TrainBatches:
         return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
 
     def _worker(self):
-        step = self.step
+        sample = self.sample
         while not self._stop.is_set():
-            item = self.micro_batches(step)
+            item = self.micro_batches(sample)
             if self.device.type == "cuda":
                 item = [{k: v.pin_memory() for k, v in mb.items()} for mb in item]
             while not self._stop.is_set():
@@ -423,10 +427,10 @@ class TrainBatches:
                     break
                 except queue.Full:
                     continue
-            step += 1
+            sample += self.layout.global_batch
 
     def next(self) -> list[dict[str, torch.Tensor]]:
-        """The current step's micro-batches, then advance."""
+        """The current global batch's micro-batches, then advance by one global batch."""
         if self._prefetch:
             if self._thread is None:
                 self._q = queue.Queue(maxsize=self._prefetch)
@@ -434,8 +438,8 @@ class TrainBatches:
                 self._thread.start()
             mbs = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in self._q.get()]
         else:
-            mbs = self._to_device(self.micro_batches(self.step))
-        self.step += 1
+            mbs = self._to_device(self.micro_batches(self.sample))
+        self.sample += self.layout.global_batch
         return mbs
 
     def close(self) -> None:
