@@ -133,19 +133,41 @@ def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_colum
 
 @cli.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", default=None, help="Text to continue.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Many prompts: one per non-empty line, or JSON lines with a \"prompt\" field (.jsonl). "
+                   "Prints one JSON object per prompt.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts generated together (left-padded) with --prompts-file.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --prompts-file: write the JSON lines here instead of stdout.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
               help="0 means greedy decoding.")
 @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True)
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-    """Continue PROMPT with an exported language model (a run's final/ or the run directory)."""
+def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, temperature, top_k, top_p, seed):
+    """Continue --prompt (or every prompt of --prompts-file) with an exported language model (a run's
+    final/ or the run directory)."""
+    if (prompt is None) == (prompts_file is None):
+        raise UsageError("give exactly one of --prompt TEXT or --prompts-file FILE")
+    if output is not None and prompts_file is None:
+        raise UsageError("--output goes with --prompts-file (a single --prompt prints its text)")
     _quiet_libraries()
     from engine import tools
 
-    click.echo(tools.generate_text(Path(model), prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    if prompt is not None:
+        click.echo(tools.generate_text(Path(model), prompt, max_new_tokens, temperature, top_k, top_p, seed))
+        return
+    rows = tools.generate_many(Path(model), tools.read_prompts(prompts_file), max_new_tokens, temperature, top_k,
+                               top_p, seed, batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if output is None:
+        click.echo(lines, nl=False)
+    else:
+        output.write_text(lines, encoding="utf-8")
+        click.echo(f"wrote {len(rows)} completions to {output}", err=True)
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -153,13 +175,26 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed):
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the model to.")
-def export(checkpoint_dir, out):
-    """Write a Hugging Face model directory from a saved checkpoint (or a run's latest one)."""
-    _quiet_libraries()
-    from engine import tools
+@click.option("--format", "fmt", type=click.Choice(["hf", "onnx", "torchscript"]), default="hf", show_default=True,
+              help="hf: safetensors + tokenizer + generation config; onnx: model.onnx (checked with onnxruntime); "
+                   "torchscript: model.pt. Each is checked against PyTorch logits before --out appears.")
+def export(checkpoint_dir, out, fmt):
+    """Export a checkpoint, a run (its newest checkpoint) or a model directory (a run's final/).
 
-    path = tools.export_checkpoint(Path(checkpoint_dir), Path(out))
-    click.echo(f"exported {path}")
+    Every format is reloaded and compared with the PyTorch model's logits; a mismatch exits 1 and
+    leaves nothing at --out. The check's numbers are saved in OUT/export.json.
+    """
+    _quiet_libraries()
+    from engine import deploy
+
+    try:
+        report = deploy.export(Path(checkpoint_dir), Path(out), fmt)
+    except deploy.ExportCheckFailed as e:
+        click.echo(f"error: export check FAILED, nothing written to {out}: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"exported {report['source']} -> {out} ({fmt}); check: {report['check']}, "
+               f"max |logit difference| {report['max_abs_diff']:.3g} on a padded batch of shape "
+               f"{tuple(report['probe_shape'])}")
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -186,6 +221,154 @@ def config_keys():
 
     for key, tname, default, help_text in describe():
         click.echo(f"{key}  ({tname}, default {default!r})\n    {help_text}")
+
+
+# ---------------------------------------------------------------------------------------- explain
+
+def _attention_spec(ctx, param, value):
+    if value is None:
+        return None
+    layer, sep, head = value.partition(":")
+    try:
+        return int(layer), (None if head in ("", "mean") else int(head))
+    except ValueError:
+        raise click.BadParameter("use LAYER:HEAD (e.g. 1:0) or LAYER:mean, counting from 0") from None
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", required=True, help="The input to explain.")
+@click.option("--method", type=click.Choice(["ig", "grad_input"]), default="ig", show_default=True,
+              help="ig: integrated gradients; grad_input: gradient x input.")
+@click.option("--steps", type=click.IntRange(min=2, max=1024), default=64, show_default=True,
+              help="Integrated-gradients quadrature nodes.")
+@click.option("--baseline", type=click.Choice(["pad", "zero"]), default="pad", show_default=True,
+              help="Integrated-gradients baseline: the pad token's embedding, or zeros.")
+@click.option("--target", default=None, help="cls: a label; lm: one token (default: the prediction).")
+@click.option("--top-k", type=click.IntRange(min=1, max=50), default=5, show_default=True,
+              help="lm: next-token candidates shown per position.")
+@click.option("--attention", callback=_attention_spec, default=None, metavar="LAYER:HEAD",
+              help="Also draw this layer's attention map for one head, or LAYER:mean for the mean of its heads.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("explain"), show_default=True,
+              help="Directory for explain.html, attributions.png, attention.png, explain.json.")
+def explain(model, text, method, steps, baseline, target, top_k, attention, out):
+    """Explain a prediction of an exported model: token attributions (cls: for the predicted class;
+    lm: for the most likely next token) and, for lm, the top-k next tokens at each position."""
+    _quiet_libraries()
+    from engine import explain as explain_lib
+
+    result = explain_lib.explain(Path(model), text, method, steps, baseline, target, top_k, attention)
+    files = explain_lib.write(result, out, str(model), text)
+    click.echo(explain_lib.summary(result))
+    click.echo(f"wrote {files['html']} ({', '.join(str(p.name) for k, p in files.items() if k != 'html')} beside it)")
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override for every trial (repeatable).")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=SPEC",
+              help="A swept key: KEY=v1,v2,... or, with --random, KEY=uniform:LO:HI | loguniform:LO:HI | int:LO:HI "
+                   "(repeatable).")
+@click.option("--random", "n_random", type=click.IntRange(min=0), default=0,
+              help="Random search: draw this many trials (0: the full grid).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
+@click.option("--metric", default="eval_loss", show_default=True, help="Eval metric that ranks trials.")
+@click.option("--mode", type=click.Choice(["auto", "min", "max"]), default="auto", show_default=True,
+              help="Whether lower or higher is better (auto: max for accuracy/F1, else min).")
+@click.option("--rungs", default="", metavar="S1,S2,...",
+              help="Successive halving: compare the trials at these steps and continue only the best 1/eta.")
+@click.option("--eta", type=int, default=2, show_default=True, help="Successive halving keeps 1/eta at each rung.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Sweep directory (default: sweeps/<run.name>).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes per trial (above 1: each trial runs under `ftl launch`).")
+@click.option("--slurm", is_flag=True, help="Submit the trials as a SLURM array job (launch/slurm/sweep.sbatch).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
+              help="Extra sbatch argument for --slurm, e.g. --sbatch-arg=--partition=gpu (repeatable).")
+@click.option("--wait/--no-wait", default=None,
+              help="--slurm: wait for the array job(s) and write the summary (needed with --rungs).")
+@click.option("--dry-run", is_flag=True, help="Print the trials and exit (nothing written).")
+def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out, nproc_per_node, slurm, sbatch_args,
+          wait, dry_run):
+    """Hyperparameter sweep over CONFIG: each trial is a run in its own directory; then a summary
+    table (stdout, CSV, markdown) sorted by --metric, TensorBoard HParams and best.yaml."""
+    from engine import sweep as sweep_lib
+
+    try:
+        rung_steps = [int(r) for r in rungs.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--rungs must be comma-separated steps (got {rungs!r})") from None
+    if slurm and rung_steps and wait is False:
+        raise UsageError("--slurm with --rungs needs --wait (the sweep promotes trials between array jobs)")
+    if not slurm and wait is not None:
+        raise UsageError("--wait/--no-wait go with --slurm")
+    plan, out_dir = sweep_lib.build_plan(config, list(overrides), list(grid), n_random, seed, metric, mode,
+                                         rung_steps, eta, out)
+    if dry_run:
+        for t in plan.trial_list():
+            click.echo(f"{t.name}  {' '.join(t.overrides()) or '(base config)'}")
+        click.echo(f"{len(plan.trials)} trial(s) -> {out_dir}", err=True)
+        return
+    _quiet_libraries()
+    sweep_lib.write_plan(plan, out_dir)
+    log = lambda line: click.echo(line, err=True)
+    if slurm:
+        sweep_lib.run_slurm(plan, out_dir, list(sbatch_args), wait=bool(wait) or bool(rung_steps), log=log)
+        if not (wait or rung_steps):
+            log(f"sweep: when the array job is done: ftl sweep-summary {out_dir}")
+            return
+    else:
+        runner = sweep_lib.run_in_process if nproc_per_node == 1 else sweep_lib.subprocess_runner(nproc_per_node)
+        sweep_lib.run_local(plan, out_dir, runner, log=log)
+    sweep_lib.summarize(out_dir, log=click.echo)
+
+
+@cli.command("sweep-summary")
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def sweep_summary(sweep_dir):
+    """(Re)write the summary of a sweep directory: table, summary.csv/.md, TensorBoard HParams, best.yaml."""
+    from engine import sweep as sweep_lib
+
+    sweep_lib.summarize(sweep_dir, log=click.echo)
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
+              help="TCP port (0: any free port, printed at start).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. There is no authentication: bind other than loopback only behind a proxy you trust.")
+@click.option("--max-body-bytes", type=click.IntRange(min=64), default=65536, show_default=True,
+              help="Larger requests get 413.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Upper limit a /generate request may ask for.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most prompts/texts in one request.")
+@click.option("--quiet", is_flag=True, help="No access log.")
+def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet):
+    """Serve an exported model over HTTP: POST /generate (lm) or /classify (cls), JSON in and out."""
+    _quiet_libraries()
+    from engine import serve as serve_lib
+
+    service = serve_lib.ModelService(Path(model), max_new_tokens=max_new_tokens, max_batch=max_batch)
+    try:
+        server = serve_lib.make_server(service, host, port, max_body_bytes, quiet)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    bound_host, bound_port = server.server_address[:2]
+    endpoint = "POST /generate" if service.head == "lm" else "POST /classify"
+    click.echo(f"serving {service.model_dir} ({service.head}) on http://{bound_host}:{bound_port} "
+               f"- {endpoint}, GET /health; Ctrl-C stops", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -74,11 +74,20 @@ class ModelConfig:
     compile: bool = opt(False, "torch.compile the model.")
     gradient_checkpointing: bool = opt(False, "Recompute each block's activations in backward to save memory.")
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa (flash/memory-efficient) or eager.", ("sdpa", "eager"))
+    max_positions: int = opt(0, "Learned positions of the model; more than it has (GPT-2: 1024) extends the position "
+                                "embeddings (see model.position_init). 0: keep the model's.")
+    position_init: str = opt("copy", "How positions beyond a pretrained model's are initialized: copy (tile the learned "
+                                      "table; the first positions stay exactly as trained) or interpolate (stretch the "
+                                      "table linearly over the new length).", ("copy", "interpolate"))
 
     def problems(self, cfg: "Config") -> list[str]:
         p = within("model.dropout", self.dropout, 0.0, 1.0, hi_open=True) + positive("model.num_labels", self.num_labels, True)
         if self.head == "lm" and self.num_labels:
             p.append("model.num_labels is only used with model.head=cls; remove it or set model.head=cls")
+        p += positive("model.max_positions", self.max_positions, True)
+        if self.max_positions and cfg.data.seq_len > self.max_positions:
+            p.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_positions={self.max_positions}; "
+                     f"raise model.max_positions or lower data.seq_len")
         return p
 
 
@@ -96,9 +105,22 @@ class DataConfig:
     tokenizer: str = opt("", "Tokenizer directory or hub id; empty: the model's own, else a byte-level BPE trained on the training split.")
     tokenizer_vocab: int = opt(4096, "Vocabulary size of a locally trained BPE tokenizer.")
     pack: bool = opt(True, "LM: concatenate documents (EOS between them) and cut into full blocks; false: one padded sample per document.")
+    overflow: str = opt("truncate", "Documents longer than seq_len (cls, and lm with data.pack=false): truncate keeps the "
+                                    "first seq_len tokens; window cuts them into windows data.stride tokens apart "
+                                    "(README: Long inputs).", ("truncate", "window"))
+    stride: int = opt(0, "overflow=window: tokens between window starts (overlap = seq_len - stride); 0: seq_len, no overlap.")
+    max_windows: int = opt(0, "overflow=window: at most this many windows per document (0: no cap).")
+    window_pool: str = opt("mean", "overflow=window, cls evaluation: pool the class probabilities of a document's windows "
+                                   "by mean, or by max (per class, renormalized).", ("mean", "max"))
 
     def problems(self, cfg: "Config") -> list[str]:
         p = positive("data.seq_len", self.seq_len) + within("data.val_fraction", self.val_fraction, 0.0, 1.0, True)
+        p += positive("data.stride", self.stride, True) + positive("data.max_windows", self.max_windows, True)
+        if self.stride and self.stride > self.seq_len:
+            p.append(f"data.stride={self.stride} exceeds data.seq_len={self.seq_len}: tokens between windows would be "
+                     f"skipped; use at most {self.seq_len}")
+        if self.overflow == "window" and cfg.model.head == "lm" and self.pack:
+            p.append("data.overflow=window needs data.pack=false for model.head=lm (packing already uses every token)")
         if self.tokenizer_vocab < 256 + 1:
             p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {self.tokenizer_vocab})")
         if not self.source.strip():
@@ -119,12 +141,16 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda when available), cuda, or cpu.", ("auto", "cuda", "cpu"))
     sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head; 0 disables).")
     sample_prompt: str = opt("The ", "Prompt of that sample.")
+    stop_at_step: int = opt(0, "Stop after this step with a checkpoint and an eval but no final export, as if paused; "
+                               "the schedule still spans max_steps and running again with a later stop (or 0) "
+                               "continues. Sweeps use it for successive halving. 0: run to max_steps.")
 
     def problems(self, cfg: "Config") -> list[str]:
         return (positive("train.micro_batch", self.micro_batch) + positive("train.grad_accum", self.grad_accum)
                 + positive("train.max_steps", self.max_steps) + positive("train.log_every", self.log_every)
                 + positive("train.eval_every", self.eval_every, True) + positive("train.eval_batches", self.eval_batches, True)
-                + positive("train.clip_grad", self.clip_grad, True) + positive("train.sample_tokens", self.sample_tokens, True))
+                + positive("train.clip_grad", self.clip_grad, True) + positive("train.sample_tokens", self.sample_tokens, True)
+                + positive("train.stop_at_step", self.stop_at_step, True))
 
 
 @dataclass

@@ -31,6 +31,7 @@ from engine import dist
 from engine.config import DataConfig
 from engine.errors import UsageError
 from engine.losses import IGNORE
+from engine.windows import WindowSpec, cls_eval_batch, cls_windows, lm_windows
 
 EOS = "<|endoftext|>"
 FILE_LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -209,11 +210,14 @@ def text_iterator(ds, column: str, batch: int = 1000) -> Iterator[list[str]]:
 
 # ----------------------------------------------------------------------------------------- processing
 
-def _tokenize_lm(tokenizer, column: str, seq_len: int, pack: bool):
+def _tokenize_lm(tokenizer, column: str, seq_len: int, pack: bool, window: WindowSpec | None = None):
     eos = tokenizer.eos_token_id
 
     def fn(batch):
         ids = tokenizer([t or "" for t in batch[column]], add_special_tokens=False)["input_ids"]
+        if not pack and window is not None:  # every token a target once; `skip` masks the overlap's targets
+            rows = [w for x in ids for w in lm_windows(x, seq_len, window.stride, window.max_windows)]
+            return {"input_ids": [r for r, _ in rows], "skip": [k for _, k in rows]}
         if not pack:
             return {"input_ids": [x[: seq_len + 1] for x in ids if len(x) >= 2]}
         # Pack: documents joined with EOS, cut into blocks of seq_len+1 (inputs and shifted targets).
@@ -224,12 +228,24 @@ def _tokenize_lm(tokenizer, column: str, seq_len: int, pack: bool):
     return fn
 
 
-def _tokenize_cls(tokenizer, column: str, label_column: str, seq_len: int, label_to_id: dict):
+def _tokenize_cls(tokenizer, column: str, label_column: str, seq_len: int, label_to_id: dict,
+                  window: WindowSpec | None = None, whole_documents: bool = False):
+    """Truncated samples; with `window`: one sample per window (training), or with `whole_documents`
+    the document's tokens that its windows reach (evaluation pools the windows per document)."""
+    cap = None if window is None else (window.max_tokens or None) if whole_documents else None
+
     def fn(batch):
-        enc = tokenizer([t or "" for t in batch[column]], add_special_tokens=False, truncation=True, max_length=seq_len)
-        keep = [i for i, x in enumerate(enc["input_ids"]) if len(x) > 0]
-        return {"input_ids": [enc["input_ids"][i] for i in keep],
-                "labels": [label_to_id[batch[label_column][i]] for i in keep]}
+        texts = [t or "" for t in batch[column]]
+        if window is None:
+            enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"]
+        else:
+            enc = tokenizer(texts, add_special_tokens=False, truncation=cap is not None, max_length=cap)["input_ids"]
+        keep = [i for i, x in enumerate(enc) if len(x) > 0]
+        labels = [label_to_id[batch[label_column][i]] for i in keep]
+        if window is None or whole_documents:
+            return {"input_ids": [enc[i] for i in keep], "labels": labels}
+        rows = [(w, y) for i, y in zip(keep, labels) for w in cls_windows(enc[i], seq_len, window.stride, window.max_windows)]
+        return {"input_ids": [w for w, _ in rows], "labels": [y for _, y in rows]}
 
     return fn
 
@@ -263,6 +279,7 @@ class Prepared:
     head: str
     seq_len: int
     label_names: list[str] = field(default_factory=list)
+    windows: WindowSpec | None = None  # data.overflow=window (cls validation rows are whole documents)
 
     @property
     def num_labels(self) -> int:
@@ -273,7 +290,9 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
             label_names: list[str] | None = None) -> Prepared:
     """Tokenize (cached by datasets) and pack/label both splits; rank 0 fills the cache first.
 
-    `label_names` fixes the label vocabulary (a trained model's id2label) instead of inferring it."""
+    `label_names` fixes the label vocabulary (a trained model's id2label) instead of inferring it.
+    Long documents follow data.overflow (engine/windows.py)."""
+    window = WindowSpec.from_config(cfg)
     if head == "cls" and label_names:
         label_to_id = {**{n: i for i, n in enumerate(label_names)}, **{i: i for i in range(len(label_names))}}
         values = set(dd["train"].unique(cfg.label_column)) | (set(dd["validation"].unique(cfg.label_column))
@@ -282,7 +301,7 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
         if unknown:
             raise UsageError(f"labels {unknown[:10]} are not among the model's labels ({', '.join(label_names)})")
         label_to_id.update({v: label_to_id[v] for v in values})
-        fn = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id)
+        fn = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id, window)
     elif head == "cls":
         label_names, label_to_id, problems = label_vocab(dd["train"], cfg.label_column, num_labels)
         val_values = set(dd["validation"].unique(cfg.label_column)) if len(dd["validation"]) else set()
@@ -291,22 +310,26 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
             problems.append(f"validation labels {unseen[:10]} never occur in the training split")
         if problems:
             raise UsageError(problems)
-        fn = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id)
+        fn = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id, window)
     else:
-        fn = _tokenize_lm(tokenizer, cfg.text_column, cfg.seq_len, cfg.pack)
+        fn = _tokenize_lm(tokenizer, cfg.text_column, cfg.seq_len, cfg.pack, window)
+    fns = {"train": fn, "validation": fn}
+    if head == "cls" and window is not None:
+        fns["validation"] = _tokenize_cls(tokenizer, cfg.text_column, cfg.label_column, cfg.seq_len, label_to_id,
+                                          window, whole_documents=True)
     out = {}
     for split in ("train", "validation"):
         ds = dd[split]
         for turn in (0, 1):  # rank 0 writes the cache; the others then read it
             if (turn == 0) == dist.is_main():
-                ds = dd[split].map(fn, batched=True, batch_size=1000, remove_columns=dd[split].column_names,
+                ds = dd[split].map(fns[split], batched=True, batch_size=1000, remove_columns=dd[split].column_names,
                                    desc=f"tokenizing {split}")
             dist.barrier()
         out[split] = ds.with_format("numpy")
     if len(out["train"]) == 0:
         raise UsageError(f"data.source {cfg.source!r}: no training sample of data.seq_len={cfg.seq_len} tokens fits in "
                          f"the training split; lower data.seq_len or add data")
-    return Prepared(out["train"], out["validation"], tokenizer, head, cfg.seq_len, list(label_names or []))
+    return Prepared(out["train"], out["validation"], tokenizer, head, cfg.seq_len, list(label_names or []), window)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -383,6 +406,14 @@ def _rows(ds, idx: np.ndarray):
     return list(got["input_ids"]), (got["labels"] if "labels" in got else None)
 
 
+def _mask_skipped(batch: dict[str, torch.Tensor], ds, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """LM windows: mask each row's first `skip` targets (an earlier window of its document has them)."""
+    if "skip" in ds.column_names:
+        skip = torch.as_tensor(np.asarray(ds[idx.tolist()]["skip"]))
+        batch["labels"][torch.arange(batch["labels"].shape[1])[None, :] < skip[:, None]] = IGNORE
+    return batch
+
+
 class TrainBatches:
     """This rank's micro-batches of consecutive global batches, starting at global sample index
     `start_sample` (the data position a checkpoint stores), produced ahead on a thread on CUDA
@@ -407,7 +438,8 @@ class TrainBatches:
         out = []
         for m in range(lay.grad_accum):
             rows, labels = _rows(self.data.train, idx[lay.positions(m)])
-            out.append(collate(rows, self.data.head, self.pad_id, labels))
+            out.append(_mask_skipped(collate(rows, self.data.head, self.pad_id, labels), self.data.train,
+                                     idx[lay.positions(m)]))
         return out
 
     def _to_device(self, mbs):
@@ -450,6 +482,7 @@ def probe_batch(data: Prepared, n: int = 2) -> dict[str, torch.Tensor]:
     """A fixed small batch (the first validation samples, else training ones) for logit checks."""
     ds = data.validation if len(data.validation) else data.train
     rows, labels = _rows(ds, np.arange(min(n, len(ds))))
+    rows = [r[: data.seq_len + (data.head == "lm")] for r in rows]  # whole-document cls rows may be longer
     return collate(rows, data.head, data.tokenizer.pad_token_id, labels)
 
 
@@ -468,7 +501,11 @@ def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device
         pos = np.arange((b * world + rank) * micro_batch, (b * world + rank + 1) * micro_batch)
         valid = pos < n
         rows, labels = _rows(ds, np.where(valid, pos, 0))
-        batch = collate(rows, data.head, data.tokenizer.pad_token_id, labels)
+        if data.head == "cls" and data.windows is not None:
+            batch = cls_eval_batch(rows, labels, data.windows, data.tokenizer.pad_token_id)
+        else:
+            batch = _mask_skipped(collate(rows, data.head, data.tokenizer.pad_token_id, labels), ds,
+                                  np.where(valid, pos, 0))
         if not valid.all():
             v = torch.from_numpy(valid)
             if data.head == "lm":

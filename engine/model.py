@@ -112,11 +112,16 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
         hf_cfg = source.config.__class__.from_dict(source.config.to_dict())
         hf_cfg.vocab_size = len(tokenizer)
         hf_cfg.bos_token_id = hf_cfg.eos_token_id = tokenizer.eos_token_id
+        hf_cfg.n_positions = max(hf_cfg.n_positions, cfg.max_positions)
         attn = extra.pop("attn_implementation")
         for k, v in extra.items():
             setattr(hf_cfg, k, v)
         model = cls._from_config(hf_cfg, attn_implementation=attn)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.max_positions:
+        from engine import positions
+
+        positions.extend(model, cfg.max_positions, cfg.position_init)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

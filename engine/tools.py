@@ -53,7 +53,9 @@ def evaluate_model(path: Path, source: str, split: str, seq_len: int | None, bat
     dcfg = DataConfig(source=source, text_column=text_column or d.get("text_column", "text"),
                       label_column=label_column or d.get("label_column", "label"),
                       seq_len=seq_len or d.get("seq_len", min(1024, hf.config.n_positions)),
-                      val_fraction=d.get("val_fraction", 0.1), pack=d.get("pack", True))
+                      val_fraction=d.get("val_fraction", 0.1), pack=d.get("pack", True),
+                      overflow=d.get("overflow", "truncate"), stride=d.get("stride", 0),
+                      max_windows=d.get("max_windows", 0), window_pool=d.get("window_pool", "mean"))
     if dcfg.seq_len > hf.config.n_positions:
         raise UsageError(f"--seq-len {dcfg.seq_len} exceeds the model's {hf.config.n_positions} positions")
     raw = data.load_raw(dcfg, seed=int(run_cfg.get("run", {}).get("seed", 1234)), need_label=head == "cls")
@@ -82,6 +84,73 @@ def generate_text(path: Path, prompt: str, max_new_tokens: int, temperature: flo
     return tok.decode(out[0], skip_special_tokens=True)
 
 
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a file: JSON lines with a "prompt" field (.jsonl), or one prompt per non-empty line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompts-file {path}: cannot read it ({e})") from None
+    if path.suffix == ".jsonl":
+        prompts, problems = [], []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"--prompts-file {path} line {i}: not JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                problems.append(f"--prompts-file {path} line {i}: needs a string field \"prompt\"")
+                continue
+            prompts.append(row["prompt"])
+        if problems:
+            raise UsageError(problems)
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} holds no prompt")
+    return prompts
+
+
+@torch.no_grad()
+def generate_batch(hf, tok, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   seed: int | None, batch_size: int = 8) -> list[str]:
+    """Continuations (new text only) of `prompts`, `batch_size` at a time, left-padded.
+
+    The global torch RNG is seeded once, so the same prompts, batch size and seed give the same texts;
+    greedy decoding (temperature 0) gives each prompt the continuation it gets alone."""
+    device = next(hf.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) if temperature > 0 \
+        else dict(do_sample=False)
+    old_side, tok.padding_side = tok.padding_side, "left"
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True).to(device)
+            gen = hf.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+            width = enc["input_ids"].shape[1]
+            out += [tok.decode(g[width:], skip_special_tokens=True) for g in gen]
+    finally:
+        tok.padding_side = old_side
+    return out
+
+
+def generate_many(path: Path, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                  seed: int, batch_size: int) -> list[dict]:
+    """`ftl generate --prompts-file`: one {"prompt", "completion"} per prompt."""
+    model_dir, _ = resolve_model_dir(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf, tok, head = load_model(model_dir, device)
+    if head != "lm":
+        raise UsageError(f"{model_dir} is a classification model; `ftl generate` needs a language model")
+    texts = generate_batch(hf, tok, prompts, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
+    return [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)]
+
+
 def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
     """The transformers-model weights saved in a checkpoint, whatever backend wrote it."""
     single = ckpt / "model.safetensors"
@@ -102,13 +171,7 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     """Checkpoint (or run directory -> its latest checkpoint) -> Hugging Face directory, verified."""
     from transformers import AutoConfig
 
-    if (path / "checkpoints").is_dir():
-        latest = checkpoint.find_latest(path / "checkpoints")
-        if latest is None:
-            raise UsageError(f"{path} has no complete checkpoint under checkpoints/")
-        path = latest
-    if not checkpoint.is_complete(path):
-        raise UsageError(f"{path} is not a complete checkpoint (it needs {checkpoint.STATE} and {checkpoint.COMPLETE})")
+    path = resolve_checkpoint(path)
     state = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8"))
     head = state["config"]["model"]["head"]
     hf_config = AutoConfig.from_pretrained(path / "config.json")
@@ -118,6 +181,50 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     checkpoint.export_hf(hf_config, head, weights, tok, out, labels)
     verify_weights(out, weights, head)
     return out
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A complete checkpoint directory, given it or a run directory (then its newest one)."""
+    if (path / "checkpoints").is_dir():
+        latest = checkpoint.find_latest(path / "checkpoints")
+        if latest is None:
+            raise UsageError(f"{path} has no complete checkpoint under checkpoints/")
+        path = latest
+    if not checkpoint.is_complete(path):
+        raise UsageError(f"{path} is not a complete checkpoint (it needs {checkpoint.STATE} and {checkpoint.COMPLETE}), "
+                         f"a run directory or a model directory")
+    return path
+
+
+def export_checkpoint_checked(path: Path, out: Path) -> dict:
+    """`export_checkpoint`, then the engine's model built from the checkpoint's weights and the export
+    reloaded by transformers must give the same logits on a padded probe batch."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from engine import deploy
+    from engine.trainer import load_exported
+
+    ckpt = resolve_checkpoint(path)
+    export_checkpoint(ckpt, out)
+    head = head_of(out)
+    hf_config = AutoConfig.from_pretrained(ckpt / "config.json")
+    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+    module = model_lib.TrainModule(auto.from_config(hf_config), head).eval()
+    weights = full_state_from_checkpoint(ckpt)
+    if head == "lm":  # the tied embedding is saved under one of its two names
+        tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
+        weights = {**weights, "lm_head.weight": tied, "transformer.wte.weight": tied}
+    missing = module.hf.load_state_dict(weights, strict=False).missing_keys
+    if missing:
+        raise deploy.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
+    tok = data.load_tokenizer(str(out))
+    batch = deploy.probe(tok)
+    with torch.no_grad():
+        ours = module.logits(batch["input_ids"], batch["attention_mask"])
+        theirs = load_exported(out, head)(**batch).logits
+    diff = deploy.compare(theirs, ours, batch["attention_mask"], f"the Hugging Face export {out}")
+    return {"check": "transformers reload vs the engine's model from the checkpoint weights (and the weights equal)",
+            "max_abs_diff": diff, "probe_shape": list(batch["input_ids"].shape), "source": f"checkpoint {ckpt}"}
 
 
 def verify_weights(out: Path, weights: dict[str, torch.Tensor], head: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import backends, checkpoint, data, dist, losses, metrics, model as model_lib, optim
+from engine import backends, checkpoint, data, dist, losses, metrics, model as model_lib, optim, windows
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 
@@ -127,9 +127,13 @@ class Trainer:
         cfg, problems = self.cfg, []
         if self.source.config is not None:
             positions = model_lib.max_positions(self.source.config)
+            if cfg.model.max_positions and cfg.model.max_positions < positions:
+                problems.append(f"model.max_positions={cfg.model.max_positions} is below the model's {positions} "
+                                f"positions (it can only grow); use 0 to keep them")
+            positions = max(positions, cfg.model.max_positions)
             if cfg.data.seq_len > positions:
                 problems.append(f"data.seq_len={cfg.data.seq_len} exceeds the model's {positions} positions; "
-                                f"lower data.seq_len")
+                                f"lower data.seq_len or raise model.max_positions")
         if cfg.model.head == "cls" and cfg.model.num_labels and self.data.num_labels > cfg.model.num_labels:
             problems.append(f"model.num_labels={cfg.model.num_labels} but the data has {self.data.num_labels} labels")
         if problems:
@@ -143,6 +147,11 @@ class Trainer:
                     f"(raise train.max_steps to continue, or set run.dir for a new run)")
             m.close()
             return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
+        stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+        if stop < cfg.train.max_steps and self.step >= stop:  # reached in an earlier run: nothing to do
+            m.print(f"run already stopped at step {self.step} (train.stop_at_step={stop}); raise it to continue")
+            m.close()
+            return {"step": self.step, "stopped": True}
         if self.step == 0:
             before = self.evaluate()
             m.log(0, before)
@@ -152,14 +161,14 @@ class Trainer:
         window_tokens = torch.zeros((), device=self.env.device)
         self.throughput.reset()
         result: dict = {}
-        while self.step < cfg.train.max_steps:
+        while self.step < stop:
             loss_sum, count, tokens, grad_norm, lr = self.train_step(self.batches.next())
             self.step += 1
             self.sample_index += self.layout.global_batch
             window_loss += torch.stack([loss_sum, count])
             window_tokens += tokens
 
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.train.log_every == 0 or self.step == stop:
                 # The one sync point: reduce the window's sums and read them back.
                 dist.all_reduce_sum(window_loss)
                 dist.all_reduce_sum(window_tokens)
@@ -172,14 +181,16 @@ class Trainer:
                 window_loss.zero_(), window_tokens.zero_()
                 result = row
             m.advance(1)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < stop:
                 ev = self.evaluate()
                 m.log(self.step, ev)
                 m.print(f"eval at step {self.step}: {_fmt(ev)}")
                 self.throughput.reset()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
                 self.save_checkpoint()
                 self.throughput.reset()
+        if self.step < cfg.train.max_steps:
+            return self.stop_early(result)
         return self.finish(result)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]):
@@ -272,6 +283,19 @@ class Trainer:
         m.close()
         return summary
 
+    def stop_early(self, last_row: dict) -> dict:
+        """train.stop_at_step: checkpoint and evaluate, so the run can be compared now and continued later."""
+        m = self.metrics
+        self.batches.close()
+        ckpt = self.save_checkpoint()
+        ev = self.evaluate()
+        m.log(self.step, ev)
+        m.print(f"eval at step {self.step}: {_fmt(ev)}")
+        m.print(f"stopped at step {self.step} of {self.cfg.train.max_steps} (train.stop_at_step); "
+                f"run again with a later train.stop_at_step (or 0) to continue")
+        m.close()
+        return {"step": self.step, **last_row, **ev, "checkpoint": str(ckpt), "stopped": True}
+
     def close(self) -> None:
         self.metrics.close()
         self.batches.close()
@@ -302,6 +326,8 @@ def evaluate(module, prepared: data.Prepared, env: dist.DistEnv, micro_batch: in
                 s, n = module(**batch), losses.target_count(batch, head)
             else:
                 logits = module.logits(batch["input_ids"], batch["attention_mask"]).float()
+                if "window_doc" in batch:  # data.overflow=window: one prediction per document
+                    logits = windows.pool(logits, batch["window_doc"], batch["labels"].shape[0], prepared.windows.pool)
                 valid = batch.get("valid", torch.ones_like(batch["labels"], dtype=torch.bool))
                 per = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
                 s, n = (per * valid).sum(), valid.sum()

@@ -1,0 +1,226 @@
+"""`ftl serve MODEL --port P`: a small JSON-over-HTTP endpoint for an exported model (stdlib only).
+
+    GET  /health      {"status": "ok", "model": ..., "head": "lm"|"cls", "endpoints": [...], "limits": {...}}
+    POST /generate    {"prompt": "..."} or {"prompts": [...]}, optional max_new_tokens, temperature,
+                      top_k, top_p, seed  ->  {"completions": [{"prompt", "completion"}, ...]}
+    POST /classify    {"text": "..."} or {"texts": [...]}
+                      ->  {"predictions": [{"label", "score", "probs": {label: p}}, ...]}
+
+It binds 127.0.0.1 unless told otherwise: there is no authentication, so exposing it is a decision.
+Requests are handled on threads (a slow client does not block the others); the model itself runs one
+request at a time under a lock, which also makes `seed` reproducible. Bad requests get a 4xx with a
+JSON body {"error": "..."} naming every problem: 400 malformed JSON / wrong fields or values,
+404 unknown path (or the endpoint of the other head), 405 wrong method, 411 no Content-Length,
+413 body over --max-body-bytes (not read), 415 not application/json. Classification of texts longer
+than the model's positions pools windows (engine/windows.py), like evaluation does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+GEN_FIELDS = {"prompt", "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+CLS_FIELDS = {"text", "texts"}
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, problems: str | list[str]):
+        self.status = status
+        self.problems = [problems] if isinstance(problems, str) else problems
+        super().__init__("; ".join(self.problems))
+
+
+class ModelService:
+    """The model behind the endpoint, with the limits every request is checked against."""
+
+    def __init__(self, model_dir: Path, device: torch.device | None = None, max_new_tokens: int = 256,
+                 max_batch: int = 16):
+        from engine import tools
+
+        self.model_dir, _ = tools.resolve_model_dir(Path(model_dir))
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.hf, self.tok, self.head = tools.load_model(self.model_dir, self.device)
+        self.positions = int(self.hf.config.n_positions)
+        self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
+        self.lock = threading.Lock()
+        self.labels = ([self.hf.config.id2label[i] for i in range(self.hf.config.num_labels)]
+                       if self.head == "cls" else [])
+
+    def info(self) -> dict:
+        return {"status": "ok", "model": str(self.model_dir), "head": self.head,
+                "endpoints": ["GET /health", "POST /generate" if self.head == "lm" else "POST /classify"],
+                "limits": {"max_batch": self.max_batch, "max_new_tokens": self.max_new_tokens,
+                           "positions": self.positions}, **({"labels": self.labels} if self.labels else {})}
+
+    # ------------------------------------------------------------------------------------- checks
+    def _texts(self, body: dict, one: str, many: str, problems: list[str]) -> list[str]:
+        if (one in body) == (many in body):
+            problems.append(f"give exactly one of {one!r} (a string) or {many!r} (a list of strings)")
+            return []
+        if one in body:
+            value = body[one]
+            if not isinstance(value, str) or not value:
+                problems.append(f"{one!r} must be a non-empty string")
+                return []
+            return [value]
+        value = body[many]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            problems.append(f"{many!r} must be a non-empty list of non-empty strings")
+            return []
+        if len(value) > self.max_batch:
+            problems.append(f"{many!r} holds {len(value)} items; at most {self.max_batch} per request")
+        return value
+
+    @staticmethod
+    def _number(body: dict, key: str, default, kind, lo, hi, problems: list[str]):
+        if key not in body:
+            return default
+        v = body[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int))
+        if not ok or not lo <= v <= hi:
+            problems.append(f"{key!r} must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}] (got {v!r})")
+            return default
+        return kind(v)
+
+    @staticmethod
+    def _unknown(body: dict, allowed: set[str], problems: list[str]) -> None:
+        extra = sorted(set(body) - allowed)
+        if extra:
+            problems.append(f"unknown field(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}")
+
+    # ---------------------------------------------------------------------------------- endpoints
+    def generate(self, body: dict) -> dict:
+        from engine import tools
+
+        if self.head != "lm":
+            raise RequestError(404, "this server holds a classification model: POST /classify")
+        problems: list[str] = []
+        self._unknown(body, GEN_FIELDS, problems)
+        prompts = self._texts(body, "prompt", "prompts", problems)
+        new = self._number(body, "max_new_tokens", min(50, self.max_new_tokens), int, 1, self.max_new_tokens, problems)
+        temperature = self._number(body, "temperature", 0.8, float, 0.0, 100.0, problems)
+        top_k = self._number(body, "top_k", 40, int, 0, 1_000_000, problems)
+        top_p = self._number(body, "top_p", 1.0, float, 0.0, 1.0, problems)
+        seed = self._number(body, "seed", None, int, 0, 2**63 - 1, problems)
+        for i, p in enumerate(prompts):
+            n = len(self.tok(p, add_special_tokens=False)["input_ids"])
+            if n + new > self.positions:
+                problems.append(f"prompt {i}: {n} tokens + max_new_tokens {new} exceed the model's {self.positions} "
+                                f"positions")
+        if problems:
+            raise RequestError(400, problems)
+        with self.lock:
+            texts = tools.generate_batch(self.hf, self.tok, prompts, new, temperature, top_k, top_p, seed,
+                                         batch_size=self.max_batch)
+        return {"completions": [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)]}
+
+    def classify(self, body: dict) -> dict:
+        from engine import windows
+
+        if self.head != "cls":
+            raise RequestError(404, "this server holds a language model: POST /generate")
+        problems: list[str] = []
+        self._unknown(body, CLS_FIELDS, problems)
+        texts = self._texts(body, "text", "texts", problems)
+        if problems:
+            raise RequestError(400, problems)
+        with self.lock:
+            probs = windows.classify_texts(self.hf, self.tok, texts, self.positions, self.positions // 2).cpu()
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append({"label": self.labels[best], "score": row[best],
+                        "probs": {name: p for name, p in zip(self.labels, row)}})
+        return {"predictions": out}
+
+
+def make_handler(service: ModelService, max_body: int, quiet: bool = False):
+    routes = {"/generate": service.generate, "/classify": service.classify}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "ftl-serve/1"
+        protocol_version = "HTTP/1.1"
+        timeout = 30  # a client that stops sending does not hold its thread forever
+
+        def _send(self, status: int, payload: dict, extra_headers: dict | None = None) -> None:
+            body = (json.dumps(payload) + "\n").encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra_headers or {}).items():
+                self.send_header(k, v)
+            if status >= 400:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, problems, extra_headers=None) -> None:
+            problems = [problems] if isinstance(problems, str) else problems
+            self._send(status, {"error": "; ".join(problems), "problems": problems, "status": status}, extra_headers)
+
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path in ("/", "/health"):
+                return self._send(200, service.info())
+            if path in routes:
+                return self._error(405, f"{path} takes POST with a JSON body", {"Allow": "POST"})
+            return self._error(404, f"no such endpoint {path!r}; try GET /health")
+
+        def do_POST(self):
+            path = self.path.split("?", 1)[0]
+            if path not in routes:
+                if path in ("/", "/health"):
+                    return self._error(405, f"{path} takes GET", {"Allow": "GET"})
+                return self._error(404, f"no such endpoint {path!r}; POST /generate or /classify, GET /health")
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or "Content-Length" not in self.headers:
+                return self._error(411, "send a Content-Length header (chunked bodies are not accepted)")
+            try:
+                length = int(self.headers["Content-Length"])
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                return self._error(400, "Content-Length must be a non-negative integer")
+            if length > max_body:
+                if length <= 16 * max_body:  # read it off the socket so the client sees the answer, not a reset
+                    self.rfile.read(length)
+                return self._error(413, f"request body of {length} bytes exceeds the limit of {max_body} bytes")
+            ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return self._error(415, f"Content-Type must be application/json (got {ctype!r})")
+            raw = self.rfile.read(length)
+            try:
+                body = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return self._error(400, f"the body is not valid JSON: {e}")
+            if not isinstance(body, dict):
+                return self._error(400, "the body must be a JSON object")
+            try:
+                result = routes[path](body)
+            except RequestError as e:
+                return self._error(e.status, e.problems)
+            except Exception as e:  # a bug or an out-of-memory: the client learns it is not its fault
+                self.log_error("internal error on %s: %r", path, e)
+                return self._error(500, f"internal error: {type(e).__name__}")
+            self._send(200, result)
+
+        def log_message(self, fmt, *args):
+            if not quiet:
+                sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {fmt % args}\n")
+
+    return Handler
+
+
+def make_server(service: ModelService, host: str = "127.0.0.1", port: int = 8000, max_body: int = 65536,
+                quiet: bool = False) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), make_handler(service, max_body, quiet))
+    server.daemon_threads = True
+    return server
