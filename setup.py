@@ -22,6 +22,11 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        # ftl export --format onnx (torch.onnx's exporter needs onnxscript; the check runs onnxruntime)
+        "onnx>=1.16",
+        "onnxscript>=0.3",
+        "onnxruntime>=1.18",
+        "matplotlib>=3.7",  # ftl explain's PNGs
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-timeout>=2.3"],

@@ -289,9 +289,11 @@ def explain(model, text, method, steps, baseline, target, top_k, attention, out)
               help="Extra sbatch argument for --slurm, e.g. --sbatch-arg=--partition=gpu (repeatable).")
 @click.option("--wait/--no-wait", default=None,
               help="--slurm: wait for the array job(s) and write the summary (needed with --rungs).")
+@click.option("--poll-s", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="--slurm --wait: seconds between squeue polls.")
 @click.option("--dry-run", is_flag=True, help="Print the trials and exit (nothing written).")
 def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out, nproc_per_node, slurm, sbatch_args,
-          wait, dry_run):
+          wait, poll_s, dry_run):
     """Hyperparameter sweep over CONFIG: each trial is a run in its own directory; then a summary
     table (stdout, CSV, markdown) sorted by --metric, TensorBoard HParams and best.yaml."""
     from engine import sweep as sweep_lib
@@ -311,11 +313,14 @@ def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out
             click.echo(f"{t.name}  {' '.join(t.overrides()) or '(base config)'}")
         click.echo(f"{len(plan.trials)} trial(s) -> {out_dir}", err=True)
         return
+    if slurm:
+        sweep_lib.slurm_preflight(plan, out_dir)
     _quiet_libraries()
     sweep_lib.write_plan(plan, out_dir)
     log = lambda line: click.echo(line, err=True)
     if slurm:
-        sweep_lib.run_slurm(plan, out_dir, list(sbatch_args), wait=bool(wait) or bool(rung_steps), log=log)
+        sweep_lib.run_slurm(plan, out_dir, list(sbatch_args), wait=bool(wait) or bool(rung_steps),
+                            nproc=nproc_per_node if nproc_per_node > 1 else None, log=log, poll_s=poll_s)
         if not (wait or rung_steps):
             log(f"sweep: when the array job is done: ftl sweep-summary {out_dir}")
             return

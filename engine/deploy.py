@@ -224,7 +224,11 @@ def export_torchscript(src: Path, out: Path) -> dict:
 
 
 def check_torchscript(path: Path, torch_model: nn.Module, tokenizer) -> dict:
-    loaded = torch.jit.load(str(path), map_location="cpu").eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream, still loadable
+        loaded = torch.jit.load(str(path), map_location="cpu").eval()
     batch = probe(tokenizer)
     with torch.no_grad():
         got = loaded(batch["input_ids"], batch["attention_mask"])

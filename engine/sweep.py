@@ -13,7 +13,9 @@ digits (kept inside their range), so the same command gives the same trials.
 
 Layout of a sweep directory (`--out`, default sweeps/<run.name>):
     sweep.json        the plan (parameters, trials and their overrides, metric, rungs)
-    trials.txt        one line per trial: the `ftl train` arguments of that trial (SLURM array tasks read it)
+    trials.txt        one line per trial: the `ftl train` arguments that train it (to rerun one by hand)
+    grid-step*.txt    --slurm: the GRID_FILE of each array job (one trial's overrides per line)
+    slurm/            --slurm: the array tasks' logs
     trial-NNN/        each trial's run directory (config.yaml, metrics.jsonl, tb/, checkpoints/, final/)
     summary.csv, summary.md, best.yaml, tb/<trial>/ (TensorBoard HParams)
 
@@ -24,7 +26,8 @@ train.max_steps. A trial's metric at a rung is the eval logged at exactly that s
 never continue.
 
 Trials run one after another in this process (the real `Trainer`), or each under `ftl launch
---nproc-per-node N`, or as a SLURM array job (`--slurm`, launch/slurm/sweep.sbatch). Re-running the
+--nproc-per-node N`, or as a SLURM array job (`--slurm`, through launch/slurm/sweep.sbatch; with rungs,
+one array job per rung, the driver waiting in between). Re-running the
 same command continues an interrupted sweep: finished trials are complete run directories and are not
 trained again.
 """
@@ -233,7 +236,7 @@ def write_plan(plan: Plan, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(mine, indent=1) + "\n", encoding="utf-8")
     (out / "trials.txt").write_text("".join(shlex.join(train_args(plan, t, out)) + "\n" for t in plan.trial_list()),
-                                    encoding="utf-8")
+                                    encoding="utf-8")  # `ftl train` arguments of each trial, for reruns by hand
 
 
 def train_args(plan: Plan, trial: Trial, out: Path, stop_at: int = 0) -> list[str]:
@@ -488,31 +491,52 @@ def summarize(out: Path, log=print) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ SLURM
+# Submitted through launch/slurm/sweep.sbatch (the launch tooling's array script). Its interface:
+#   sbatch --array=0-<N-1> launch/slurm/sweep.sbatch GRID_FILE [CONFIG] [--set key=value ...]
+# array task i trains line i of GRID_FILE (whitespace-separated key=value overrides, applied after the
+# shared CONFIG and --set) under `ftl launch`, checkpointing and requeueing itself when preempted.
+# The script names run directories by task index; every line here sets run.dir itself, so a later
+# stage of successive halving (a subset of the trials) still writes into each trial's own directory.
 
 SWEEP_SBATCH = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "sweep.sbatch"
 
 
+def grid_line(plan: Plan, trial: Trial, out: Path, stop_at: int = 0) -> str:
+    """One GRID_FILE line: the trial's overrides plus its run directory and stopping step."""
+    items = [*trial.overrides(), f"run.dir={out.resolve() / trial.name}", f"run.name={trial.name}",
+             f"train.stop_at_step={stop_at}"]
+    spaced = [i for i in items if any(c.isspace() for c in i)]
+    if spaced:
+        raise UsageError(f"--slurm: the array script splits trials on whitespace, so {', '.join(map(repr, spaced))} "
+                         f"cannot be swept there; put such values in the config (or run without --slurm)")
+    return " ".join(items)
+
+
 def slurm_submit(plan: Plan, out: Path, stage_trials: list[Trial], stop_at: int, sbatch_args: list[str],
-                 script: Path = SWEEP_SBATCH) -> str:
-    """Submit one array job: task i trains the i-th line of a tasks file (a trial to `stop_at`)."""
-    if not script.is_file():
-        raise UsageError(f"--slurm needs {script} (the SLURM array script of the launch tooling), which is missing")
-    if shutil.which("sbatch") is None:
-        raise UsageError("--slurm: sbatch is not on PATH; run on a SLURM login node, or drop --slurm to run locally")
-    tasks = out / f"tasks-step{stop_at or plan.max_steps}.txt"
-    tasks.write_text("".join(shlex.join(train_args(plan, t, out, stop_at)) + "\n" for t in stage_trials),
-                     encoding="utf-8")
+                 nproc: int | None = None, script: Path = SWEEP_SBATCH) -> str:
+    """Submit one array job (task i: the i-th of `stage_trials`, trained to `stop_at`); its job id."""
+    import os
+
+    grid = out / f"grid-step{stop_at or plan.max_steps}.txt"
+    grid.write_text("".join(grid_line(plan, t, out, stop_at) + "\n" for t in stage_trials), encoding="utf-8")
     (out / "slurm").mkdir(exist_ok=True)
+    shared = ([plan.config] if plan.config else []) + [a for o in plan.overrides for a in ("--set", o)]
     cmd = ["sbatch", "--parsable", f"--array=0-{len(stage_trials) - 1}", f"--job-name=ftl-sweep-{out.name}",
-           f"--output={out / 'slurm' / '%A_%a.out'}", *sbatch_args, str(script), str(tasks)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           f"--output={out.resolve() / 'slurm' / '%x-%A_%a.out'}", *sbatch_args, str(script), str(grid.resolve()),
+           *shared]
+    env = dict(os.environ, FTL_PYTHON=sys.executable, FTL_SWEEP_DIR=str(out.resolve()))
+    if nproc:
+        env["FTL_NPROC_PER_NODE"] = str(nproc)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}\ncommand: {shlex.join(cmd)}")
+        raise UsageError(f"sbatch refused the sweep ({proc.returncode}): {proc.stderr.strip()}\n"
+                         f"  command: {shlex.join(cmd)}")
     return proc.stdout.strip().split(";")[0]
 
 
 def slurm_wait(job_id: str, poll_s: float = 5.0) -> None:
-    """Until no task of the array job is pending or running (squeue lists only those)."""
+    """Until no task of the array job is pending or running (squeue lists only those; a requeued
+    task is pending again, so this follows requeues)."""
     while True:
         q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
         if q.returncode != 0 or not q.stdout.strip():
@@ -520,16 +544,32 @@ def slurm_wait(job_id: str, poll_s: float = 5.0) -> None:
         time.sleep(poll_s)
 
 
-def run_slurm(plan: Plan, out: Path, sbatch_args: list[str], wait: bool, log=print, poll_s: float = 5.0) -> list[str]:
-    """One array job per stage; with rungs, the driver waits for each stage and promotes in between."""
+def slurm_preflight(plan: Plan, out: Path, script: Path = SWEEP_SBATCH) -> None:
+    """Everything --slurm needs, checked before the sweep directory is written."""
+    problems = []
+    if not script.is_file():
+        problems.append(f"--slurm needs {script} (the SLURM array script of the launch tooling), which is missing")
+    if shutil.which("sbatch") is None:
+        problems.append("--slurm: sbatch is not on PATH; run on a SLURM login node, or drop --slurm to run locally")
+    for t in plan.trial_list():
+        try:
+            grid_line(plan, t, out)
+        except UsageError as e:
+            problems += [p for p in e.problems if p not in problems]
+    if problems:
+        raise UsageError(problems)
+
+
+def run_slurm(plan: Plan, out: Path, sbatch_args: list[str], wait: bool, nproc: int | None = None, log=print,
+              poll_s: float = 5.0) -> list[str]:
+    """One array job per stage; with rungs the driver waits for each and promotes in between."""
     alive = plan.trial_list()
     jobs = []
-    stages = [*plan.rungs, plan.max_steps]
-    for stage in stages:
+    for stage in [*plan.rungs, plan.max_steps]:
         final = stage == plan.max_steps
         todo = [t for t in alive if trial_status(out / t.name, plan.max_steps)["step"] < stage]
         if todo:
-            job = slurm_submit(plan, out, todo, 0 if final else stage, sbatch_args)
+            job = slurm_submit(plan, out, todo, 0 if final else stage, sbatch_args, nproc)
             jobs.append(job)
             log(f"sweep: submitted array job {job} ({len(todo)} task(s) to step {stage}); logs in {out / 'slurm'}")
             if not wait:
