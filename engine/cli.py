@@ -316,8 +316,20 @@ def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out
     if slurm:
         sweep_lib.slurm_preflight(plan, out_dir)
     _quiet_libraries()
+    fresh = not out_dir.exists()
     sweep_lib.write_plan(plan, out_dir)
     log = lambda line: click.echo(line, err=True)
+    try:
+        _run_sweep(sweep_lib, plan, out_dir, slurm, sbatch_args, wait, rung_steps, nproc_per_node, poll_s, log)
+    except UsageError:
+        if fresh and not any(out_dir.glob("trial-*/checkpoints")):
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)  # bad data or model: leave nothing behind
+        raise
+
+
+def _run_sweep(sweep_lib, plan, out_dir, slurm, sbatch_args, wait, rung_steps, nproc_per_node, poll_s, log):
     if slurm:
         sweep_lib.run_slurm(plan, out_dir, list(sbatch_args), wait=bool(wait) or bool(rung_steps),
                             nproc=nproc_per_node if nproc_per_node > 1 else None, log=log, poll_s=poll_s)

@@ -167,8 +167,10 @@ def reexport_hf(src: Path, out: Path) -> dict:
 
 def export_onnx(src: Path, out: Path, opset: int = 18) -> dict:
     """model.onnx (torch.export -> ONNX, dynamic batch and sequence) checked with onnxruntime."""
+    import logging
     import warnings
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     hf, tok, head = _load(src)
     wrapped = LogitsOnly(hf).eval()
     example = probe(tok, PROBE_TEXTS[:2])

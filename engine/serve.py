@@ -11,7 +11,8 @@ Requests are handled on threads (a slow client does not block the others); the m
 request at a time under a lock, which also makes `seed` reproducible. Bad requests get a 4xx with a
 JSON body {"error": "..."} naming every problem: 400 malformed JSON / wrong fields or values,
 404 unknown path (or the endpoint of the other head), 405 wrong method, 411 no Content-Length,
-413 body over --max-body-bytes (not read), 415 not application/json. Classification of texts longer
+413 body over --max-body-bytes, 415 a Content-Type other than JSON (curl's default form type is
+accepted and parsed as JSON). Classification of texts longer
 than the model's positions pools windows (engine/windows.py), like evaluation does.
 """
 
@@ -194,7 +195,8 @@ def make_handler(service: ModelService, max_body: int, quiet: bool = False):
                     self.rfile.read(length)
                 return self._error(413, f"request body of {length} bytes exceeds the limit of {max_body} bytes")
             ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-            if ctype != "application/json":
+            # curl -d sends x-www-form-urlencoded unless told otherwise; its body is still parsed as JSON
+            if ctype not in ("application/json", "application/x-www-form-urlencoded") and not ctype.endswith("+json"):
                 return self._error(415, f"Content-Type must be application/json (got {ctype!r})")
             raw = self.rfile.read(length)
             try:

@@ -34,6 +34,7 @@ trained again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -266,8 +267,9 @@ def run_in_process(args: list[str]) -> str:
     cfg = load_config(config, sets)
     trainer = None
     try:
-        trainer = Trainer(cfg, progress=False)
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the sweep's summary; a trial's chatter is not
+            trainer = Trainer(cfg, progress=False)
+            trainer.train()
         return "ok"
     except UsageError:
         raise

@@ -57,14 +57,15 @@ def padded(tok, texts=TEXTS):
 
 # ------------------------------------------------------------------------------------------ exports
 
-def test_onnx_and_hf_exports_match_pytorch_logits(lm_run, tmp_path):
+def test_onnx_and_hf_exports_match_pytorch_logits(lm_run, tmp_path, capsys):
     import onnxruntime as ort
     from transformers import AutoModelForCausalLM
 
     onnx_out, hf_out = tmp_path / "onnx", tmp_path / "hf"
-    res = check(run_ftl(["export", lm_run, "--format", "onnx", "--out", onnx_out]))
+    res = check(run_ftl(["export", lm_run, "--format", "onnx", "--out", onnx_out]))  # the CLI as users run it
     assert "checkpoints/step-000004 -> " in res.stdout and "onnxruntime" in res.stdout
-    check(run_ftl(["export", lm_run / "checkpoints" / "step-000002", "--format", "hf", "--out", hf_out]))
+    cli.main(["export", str(lm_run / "checkpoints" / "step-000002"), "--format", "hf", "--out", str(hf_out)])
+    assert "(hf); check: transformers reload" in capsys.readouterr().out
     for f in ("model.onnx", "tokenizer.json", "config.json", "export.json"):
         assert (onnx_out / f).is_file(), f
     for f in ("model.safetensors", "tokenizer.json", "config.json", "generation_config.json", "export.json"):
@@ -139,12 +140,12 @@ def test_an_export_that_does_not_match_fails_loudly_and_leaves_nothing(lm_run, t
 
 # --------------------------------------------------------------------------------------- generation
 
-def test_generate_batch_prompts(lm_run, tmp_path):
+def test_generate_batch_prompts(lm_run, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The with statement\n\nA class\nimport\n")
-    out = check(run_ftl(["generate", lm_run, "--prompts-file", prompts, "--temperature", "0",
-                         "--max-new-tokens", "6", "--batch-size", "2"]))
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    cli.main(["generate", str(lm_run), "--prompts-file", str(prompts), "--temperature", "0", "--max-new-tokens", "6",
+              "--batch-size", "2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["The with statement", "A class", "import"]
     # batched greedy decoding (left padding) gives each prompt what it gets alone
     hf, tok, _ = tools.load_model(lm_run / "final", torch.device("cpu"))
@@ -304,14 +305,15 @@ def test_serve_command_binds_loopback(lm_run):
 
 # ------------------------------------------------------------------------------------------ explain
 
-def test_explain_command(lm_run, tmp_path):
+def test_explain_command(lm_run, tmp_path, capsys):
     out = tmp_path / "ex"
-    res = check(run_ftl(["explain", lm_run, "--text", "The with statement is", "--attention", "1:mean",
-                         "--steps", "32", "--out", out]))
-    assert res.stdout.startswith("next token after the text:")
-    m = re.search(r"completeness: sum (\S+) vs f\(x\)-f\(baseline\) (\S+)", res.stdout)
+    cli.main(["explain", str(lm_run), "--text", "The with statement is", "--attention", "1:mean", "--steps", "32",
+              "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("next token after the text:")
+    m = re.search(r"completeness: sum (\S+) vs f\(x\)-f\(baseline\) (\S+)", stdout)
     assert m and abs(float(m.group(1)) - float(m.group(2))) < 1e-3 * max(1, abs(float(m.group(2))))
-    assert "top next tokens" in res.stdout
+    assert "top next tokens" in stdout
     for f in ("explain.html", "attributions.png", "attention.png", "explain.json"):
         assert (out / f).is_file(), f
 
