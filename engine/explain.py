@@ -64,8 +64,8 @@ def integrated_gradients(f, x: torch.Tensor, baseline: torch.Tensor, steps: int 
                          batch: int = 16) -> tuple[torch.Tensor, dict]:
     """Per-token IG attributions of f at x [T, d] against `baseline`, and the completeness check."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
-    alphas = torch.tensor((nodes + 1) / 2, dtype=x.dtype)  # Gauss-Legendre on [0, 1]
-    w = torch.tensor(weights / 2, dtype=x.dtype)
+    alphas = torch.tensor((nodes + 1) / 2, dtype=x.dtype, device=x.device)  # Gauss-Legendre on [0, 1]
+    w = torch.tensor(weights / 2, dtype=x.dtype, device=x.device)
     delta = x - baseline
     total = torch.zeros_like(x)
     for i in range(0, steps, batch):
@@ -99,7 +99,8 @@ def explain(model_dir: Path, text: str, method: str = "ig", steps: int = 64, bas
     from engine import tools
 
     model_dir, _ = tools.resolve_model_dir(Path(model_dir))
-    hf, tok, head = tools.load_model(model_dir, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf, tok, head = tools.load_model(model_dir, device)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     problems = []
     if not ids:
@@ -129,9 +130,9 @@ def explain(model_dir: Path, text: str, method: str = "ig", steps: int = 64, bas
     if problems:
         raise UsageError(problems)
 
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=device)
     with torch.no_grad():
-        logits = hf(input_ids=input_ids).logits.float()
+        logits = hf(input_ids=input_ids).logits.float().cpu()
     if head == "cls":
         probs = logits[0].softmax(-1)
     else:
@@ -155,7 +156,8 @@ def explain(model_dir: Path, text: str, method: str = "ig", steps: int = 64, bas
 
     result = Explanation(head=head, tokens=tokens, method=method, target_index=target_index,
                          target=labels[target_index] if head == "cls" else tok.decode([target_index]),
-                         target_prob=float(probs[target_index]), attributions=attr.tolist(), completeness=completeness)
+                         target_prob=float(probs[target_index]), attributions=attr.cpu().tolist(),
+                         completeness=completeness)
     if head == "cls":
         result.probs = {name: float(p) for name, p in zip(labels, probs.tolist())}
     else:
@@ -174,10 +176,10 @@ def attention_map(model_dir: Path, head: str, input_ids: torch.Tensor, layer: in
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    eager = auto.from_pretrained(model_dir, attn_implementation="eager").eval()
+    eager = auto.from_pretrained(model_dir, attn_implementation="eager").eval().to(input_ids.device)
     with torch.no_grad():
         att = eager(input_ids=input_ids, output_attentions=True).attentions[layer][0]  # [heads, T, T]
-    return (att.mean(0) if h is None else att[h]).tolist()
+    return (att.mean(0) if h is None else att[h]).float().cpu().tolist()
 
 
 # ------------------------------------------------------------------------------------------- output

@@ -312,9 +312,19 @@ def run_local(plan: Plan, out: Path, runner=run_in_process, log=print) -> None:
             if result != "ok":
                 (out / t.name).mkdir(parents=True, exist_ok=True)
                 (out / t.name / "FAILED").write_text(result + "\n", encoding="utf-8")
-                log(f"sweep: {t.name} {result}")
+                log(f"sweep: {t.name} {result} (delete {out / t.name / 'FAILED'} to retry it)")
+            else:
+                check_metric(plan, out / t.name)
         if not final:
             alive = promote(plan, out, alive, stage)
+
+
+def check_metric(plan: Plan, run_dir: Path) -> None:
+    """A metric the runs never log (a typo, or accuracy on an LM) would rank nothing: stop at the first trial."""
+    rows = _eval_rows(run_dir)
+    if rows and metric_at(run_dir, plan.metric) is None:
+        logged = sorted({k for r in rows for k in r if k.startswith("eval_")})
+        raise UsageError(f"--metric {plan.metric!r} is not logged by these runs; they log {', '.join(logged)}")
 
 
 def promote(plan: Plan, out: Path, trials: list[Trial], rung: int) -> list[Trial]:

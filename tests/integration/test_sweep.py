@@ -155,7 +155,7 @@ def test_random_search_respects_ranges_and_seed(tmp_path, capsys):
     assert first.splitlines()[0] == "trial-000  " + " ".join(expected[0].overrides())
 
 
-def test_bad_sweeps_name_every_problem_and_write_nothing(tmp_path, capsys):
+def test_bad_sweeps_name_every_problem_and_write_nothing(tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "bad"
     with pytest.raises(SystemExit) as e:
         cli.main(["sweep", "--out", str(out), "--grid", "optim.lr=loguniform:0:1e-3", "--grid", "optim.lrr=1,2",
@@ -172,6 +172,16 @@ def test_bad_sweeps_name_every_problem_and_write_nothing(tmp_path, capsys):
     for part in ("unknown config key 'optim.lrr'", "train.max_steps must be positive", "--rungs must lie between"):
         assert part in err, err
     assert not out.exists()
+    # a metric the runs do not log is caught after the first trial, not after the whole sweep
+    with pytest.raises(SystemExit) as e:
+        cli.main(sweep_cmd(out, tokenizer_dir, "--grid", "optim.lr=1e-3,2e-3", "--metric", "eval_acuracy",
+                           **{"train.max_steps": 1}))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--metric 'eval_acuracy' is not logged by these runs; they log eval_loss, eval_ppl" in err
+    assert not (out / "trial-001").exists()
+    import shutil
+
+    shutil.rmtree(out)
     # data problems show up when the first trial starts: still exit 2, and the sweep directory goes away
     with pytest.raises(SystemExit) as e:
         cli.main(["sweep", "--out", str(out), "--grid", "optim.lr=1e-3,2e-3", "--set",
