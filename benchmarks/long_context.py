@@ -81,18 +81,22 @@ def train_module(name: str, seq_len: int, checkpointing: bool, device: str, voca
 
 
 def measure(name: str, seq_len: int, checkpointing: bool, device: str) -> dict:
+    import transformers.masking_utils as mu
+
     module = train_module(name, seq_len, checkpointing, device)
+    ids = torch.randint(0, module.hf.config.vocab_size, (1, seq_len + 1), device=device)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    packed_check = mu.find_packed_sequence_indices
     if device == "meta":
         # transformers reads two values back in a forward (a padding warning and a packed-sequence check on
         # position ids); on meta there are no values. Neither changes a shape, so skip both here.
-        import transformers.masking_utils as mu
-
         module.hf.config.pad_token_id = None
         mu.find_packed_sequence_indices = lambda position_ids: None
-    ids = torch.randint(0, module.hf.config.vocab_size, (1, seq_len + 1), device=device)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    row = {"model": name, "seq_len": seq_len, "checkpointing": checkpointing,
-           "saved_MiB": saved_activation_bytes(module, batch) / 2**20,
+    try:
+        saved = saved_activation_bytes(module, batch)
+    finally:
+        mu.find_packed_sequence_indices = packed_check
+    row = {"model": name, "seq_len": seq_len, "checkpointing": checkpointing, "saved_MiB": saved / 2**20,
            "bound_MiB": checkpointed_bound(module.hf.config, seq_len) / 2**20}
     if device == "cuda":
         torch.cuda.synchronize()
