@@ -34,6 +34,9 @@ def _quiet_libraries() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="ftl-engine", prog_name="ftl")
+# The deepspeed launcher appends --local_rank=N right after the script (`ftl --local_rank=0 train ...`);
+# the rank itself is read from LOCAL_RANK by engine.dist, so the flag is accepted and ignored.
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False)
 def cli():
     """ftl: fine-tune GPT-2-family models on one process, torchrun/DDP, DeepSpeed ZeRO or SLURM.
 

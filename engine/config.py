@@ -188,6 +188,10 @@ class DistConfig:
             p.append("dist.zero_stage / dist.ds_config / dist.offload need dist.backend=deepspeed")
         if self.ds_config and not Path(self.ds_config).is_file():
             p.append(f"dist.ds_config: no such file {self.ds_config!r}")
+        elif self.backend == "deepspeed" and self.zero_stage in (0, 1, 2, 3):
+            from engine.backends import ds_config  # the JSON against this config (contradictions, bad stage)
+
+            p += ds_config.problems(cfg)
         return p
 
 

@@ -1,7 +1,8 @@
 """Where this process sits in the job, and the process group.
 
 This is the only module that reads launcher variables: torchrun and the deepspeed launcher set
-RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; `srun` without torchrun sets SLURM_PROCID,
+RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun adds LOCAL_WORLD_SIZE, the deepspeed
+launcher LOCAL_SIZE and CROSS_RANK/CROSS_SIZE); `srun` without torchrun sets SLURM_PROCID,
 SLURM_LOCALID, SLURM_NTASKS and the node list, from which the rendezvous address is derived.
 Everything else asks `DistEnv` (or the small helpers below) instead of the environment.
 """
@@ -40,12 +41,13 @@ def launcher_env() -> dict[str, int | str]:
     """Rank layout from the launcher's variables; a plain `python`/`ftl train` is rank 0 of 1."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        deepspeed_launcher = "LOCAL_SIZE" in env and "LOCAL_WORLD_SIZE" not in env
         return {
             "rank": int(env["RANK"]),
             "world_size": int(env["WORLD_SIZE"]),
             "local_rank": int(env.get("LOCAL_RANK", 0)),
-            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
-            "launcher": "torchrun",
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]),
+            "launcher": "deepspeed" if deepspeed_launcher else "torchrun",
         }
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
         # srun started every rank itself (no torchrun agent): derive the rendezvous from SLURM.
@@ -121,6 +123,16 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     )
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """A process group of one, for libraries that need one even in a single process (DeepSpeed).
+    An in-memory store: no address, no port, nothing another job could collide with."""
+    if torch_dist.is_initialized():
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher would have set; DeepSpeed insists on it
+    torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=torch_dist.HashStore(),
+                                  rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
 def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
@@ -163,6 +175,15 @@ def broadcast_object(obj=None, src: int = 0):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    gathered: list = [None] * world_size()
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def agree_on_error(message: str | None) -> str | None:

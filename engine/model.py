@@ -162,5 +162,5 @@ def num_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied weights once)."""
     seen = {}
     for p in model.parameters():
-        seen[id(p)] = p.numel()
+        seen[id(p)] = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition knows its full size
     return sum(seen.values())

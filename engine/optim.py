@@ -22,7 +22,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2 or id(p) in embeddings or "ln_" in name or "norm" in name.lower():
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat; its full shape decides
+        if ndim < 2 or id(p) in embeddings or "ln_" in name or "norm" in name.lower():
             no_decay.append(p)
         else:
             decay.append(p)

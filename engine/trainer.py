@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import backends, checkpoint, data, dist, losses, metrics, model as model_lib, optim, windows
+from engine import backends, checkpoint, data, dist, losses, memory, metrics, model as model_lib, optim, windows
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 
@@ -157,6 +157,8 @@ class Trainer:
             m.log(0, before)
             m.print(f"eval before training: {_fmt(before)}")
         m.print(self._banner())
+        m.print(memory.planned_line(self.backend))
+        memory_logged = False
         window_loss = torch.zeros(2, device=self.env.device)  # [summed loss, targets] since the last log
         window_tokens = torch.zeros((), device=self.env.device)
         self.throughput.reset()
@@ -167,6 +169,9 @@ class Trainer:
             self.sample_index += self.layout.global_batch
             window_loss += torch.stack([loss_sum, count])
             window_tokens += tokens
+            if not memory_logged:  # once, after the first step: what each rank really holds
+                memory.log_measured(self.backend, m, self.step)
+                memory_logged = True
 
             if self.step % cfg.train.log_every == 0 or self.step == stop:
                 # The one sync point: reduce the window's sums and read them back.

@@ -27,6 +27,17 @@ from engine.config import Config
 from engine.dist import DistEnv
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared tensors count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
 class Backend(ABC):
     name: str = "base"
 
@@ -90,9 +101,22 @@ class Backend(ABC):
         """The complete, unsharded fp32 weights of the transformers model on rank 0 (None elsewhere);
         every rank calls it (ZeRO-3 gathers)."""
 
-    def memory_report(self) -> dict[str, int]:
-        """Bytes per rank of parameters, gradients and optimizer state as held by this backend."""
+    def memory_report(self) -> dict:
+        """Planned bytes per rank of parameters, gradients and optimizer state for this backend's layout."""
         return {}
+
+    def measured_memory(self) -> dict:
+        """Bytes this rank holds now, counted from live tensors (called once, after the first step):
+        parameters, optimizer state, and the gradients seen at that step; plus the device's peak."""
+        module = self.module
+        params = list({id(p): p for p in module.parameters()}.values())
+        optimizer = getattr(self, "optimizer", None)
+        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)] if optimizer else []
+        out = {"params": tensor_bytes([p.data for p in params]), "optimizer": tensor_bytes(state),
+               "grads": getattr(self, "_first_step_grads", None) or 0}
+        if self.env.device.type == "cuda":
+            out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(self.env.device))
+        return out
 
     def close(self) -> None:
         pass

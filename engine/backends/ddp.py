@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from engine import optim
-from engine.backends.base import Backend
+from engine.backends.base import Backend, tensor_bytes
 
 
 class DDPBackend(Backend):
@@ -33,6 +33,7 @@ class DDPBackend(Backend):
         self._params = [p for g in param_groups for p in g["params"]]
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.env.device.type) if self.cfg.train.precision == "fp16" else None
+        self._first_step_grads: int | None = None
 
     def compile(self) -> None:
         self._wrapped = torch.compile(self._wrapped)
@@ -60,6 +61,8 @@ class DDPBackend(Backend):
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if self._first_step_grads is None:  # for measured_memory()
+            self._first_step_grads = tensor_bytes(grads)
         if clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm, foreach=True)
         if self.scaler:

@@ -1,0 +1,538 @@
+"""DeepSpeed ZeRO (stages 0-3, optional CPU offload) behind the same small interface as DDP.
+
+The loop's protocol and DeepSpeed's, side by side:
+
+    loop                                   this backend
+    accumulate(last)                       engine.set_gradient_accumulation_boundary(last): DeepSpeed reduces
+                                           (stage 0/1) or finalizes its partitions (stage 2/3) on the last one
+    backward(loss * world / global count)  engine.backward(loss, scale_wrt_gas=False): the loss already is this
+                                           rank's share of the global mean, so DeepSpeed must not divide it by
+                                           gradient_accumulation_steps again; its ranks AVERAGE like DDP's
+    step(lr, clip)                         lr into every param group, then ONE engine.step() per optimizer step
+                                           (clip + update + zero grads at the boundary set above); the pre-clip
+                                           global norm comes from the ZeRO optimizer (stage 0: computed here)
+
+So one global batch gives the same update for any world x micro x accum split, as with DDP.
+
+Construction. Stages 0-2 build the model normally and let DeepSpeed wrap it. Stage 3 builds it inside
+`deepspeed.zero.Init`, so each module's parameters are partitioned as soon as that module exists and no
+rank ever holds the full model. The weights must still equal what one process builds from the same
+seed, so transformers' own initialization runs unchanged, in the same order, on each module's gathered
+parameters (`_gathered_init`): the random stream is consumed exactly as in a single process. A
+pretrained model goes through transformers' ZeRO-3 integration instead (`HfDeepSpeedConfig`), which
+loads the checkpoint module by module into the partitions.
+
+Checkpoint layout, inside the directory `engine/checkpoint.py` gives each save:
+
+    <ckpt>/deepspeed/layout.json            {"zero_stage", "world_size", "tag", "offload", "dtype", "ds_config"}
+    <ckpt>/deepspeed/latest                 DeepSpeed's pointer to the tag below
+    <ckpt>/deepspeed/global_stepN/mp_rank_00_model_states.pt            (stages 0-2)
+    <ckpt>/deepspeed/global_stepN/zero_pp_rank_R_mp_rank_00_model_states.pt   (stage 3, one per rank R)
+          the module's state dict ("hf." + transformers names; at stage 3 empty placeholders), the
+          parameter shapes per optimizer group, the tied names (shared_params), DeepSpeed's counters and
+          config; at stage 0 also the whole optimizer state
+    <ckpt>/deepspeed/global_stepN/zero_pp_rank_R_mp_rank_00_optim_states.pt   (stages 1-3, one per rank R)
+          rank R's partition of the fp32 master weights (single_partition_of_fp32_groups at 1-2,
+          fp32_flat_groups at 3) and of the Adam moments
+    <ckpt>/deepspeed/zero_to_fp32.py        DeepSpeed's own recovery scripts (written by DeepSpeed)
+
+Stages 1-3 shard the optimizer files by rank, so `load` requires the world size that wrote them (a
+different one is refused with a clear error); DeepSpeed's universal checkpoint (`ds_to_universal`) is the
+way to change it. `full_state_from_checkpoint` rebuilds the full fp32 weights from these files offline, in
+one process, for `ftl export`. Every file is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine import dist, model as model_lib, optim
+from engine.backends import ds_config
+from engine.backends.base import Backend, tensor_bytes
+from engine.errors import UsageError
+
+CKPT_SUBDIR = "deepspeed"
+LAYOUT = "layout.json"
+
+
+def _import_deepspeed(device: torch.device):
+    """deepspeed, with the accelerator matching the engine's device."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if device.type == "cpu" and get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+    if device.type == "cpu":
+        # DeepSpeed compiles a shared-memory all-reduce for CPU inference on first use (40 s, and it needs a
+        # C++ compiler); training never calls it and uses the gloo group. DeepSpeed keeps this dict editable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        resolved, problems = ds_config.resolve(cfg, env.world_size)
+        self.deepspeed = _import_deepspeed(env.device)
+        from deepspeed.accelerator import get_accelerator
+
+        if cfg.train.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            problems.append(f"train.precision=fp16: DeepSpeed has no fp16 support on {env.device.type}; use bf16 or fp32")
+        if problems:
+            raise UsageError(problems, hint="DeepSpeed JSON values the engine owns may be \"auto\"; see README, DeepSpeed ZeRO.")
+        self.resolved = resolved
+        self.stage = resolved.stage
+        # The resolved config (config.yaml, checkpoints) records what actually runs.
+        cfg.dist.zero_stage = resolved.stage
+        if resolved.offload in ("none", "cpu"):
+            cfg.dist.offload = resolved.offload
+        self.source = model_lib.resolve(cfg.model)
+        self._ds: dict | None = None
+        self._hf_ds = None
+        self.engine = None
+        self._first_step_grads: int | None = None
+        if not torch.distributed.is_initialized():
+            dist.init_single_process_group(env.device)  # DeepSpeed needs a process group, even of one
+        self.deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo",
+                                        dist_init_required=False)
+
+    # --- configuration --------------------------------------------------------------------------------
+    def ds_config(self) -> dict:
+        """The final JSON DeepSpeed gets (the width-derived "auto" sizes need the model's config)."""
+        if self._ds is None:
+            resolved, problems = ds_config.resolve(self.cfg, self.env.world_size, self._hidden_size())
+            if problems:  # cannot happen after __init__ passed; kept so a bug cannot go unnoticed
+                raise UsageError(problems)
+            if self._offload and not self._use_deepspeed_cpu_adam() and not self.resolved.has_optimizer_section:
+                resolved.ds.setdefault("zero_force_ds_cpu_optimizer", False)
+            self._ds = resolved.ds
+            if self.env.is_main:
+                print(f"deepspeed config ({resolved.source}): {json.dumps(self._ds, sort_keys=True)}", flush=True)
+        return self._ds
+
+    def _hidden_size(self) -> int | None:
+        conf = self.source.config
+        if conf is None:
+            from transformers import AutoConfig
+
+            conf = AutoConfig.from_pretrained(self.source.name)
+        return int(conf.n_embd)
+
+    @property
+    def _offload(self) -> bool:
+        return self.resolved.offload != "none"
+
+    def _use_deepspeed_cpu_adam(self) -> bool:
+        # On a GPU machine the offloaded Adam step runs on the CPU, where DeepSpeed's vectorized CPUAdam is
+        # several times faster than torch's. On a CPU-only machine torch's AdamW already runs there (and is
+        # exact against DDP); DeepSpeedCPUAdam would only add a C++ build.
+        return self._offload and self.env.device.type == "cuda"
+
+    # --- construction ---------------------------------------------------------------------------------
+    def construct(self):
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        return self._zero3_construction()
+
+    @contextlib.contextmanager
+    def _zero3_construction(self):
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+        import transformers.modeling_utils as modeling_utils
+
+        ds = self.ds_config()
+        # transformers consults this (through a weak reference) for from_pretrained, resize_token_embeddings
+        # and init; it must be gone afterwards, or rank 0's plain reload of the export would try ZeRO-3 alone.
+        self._hf_ds = HfDeepSpeedConfig(ds)
+        try:
+            if self.source.pretrained:
+                yield  # transformers: zero.Init + loading the checkpoint module by module
+            else:
+                with self.deepspeed.zero.Init(config_dict_or_path=ds), \
+                        modeling_utils.set_zero3_state(), _gathered_init(self.deepspeed):
+                    yield
+        finally:
+            self._hf_ds = None
+            unset_hf_deepspeed_config()
+
+    def _param_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision, torch.float32)
+
+    def setup(self, module: nn.Module, param_groups: list[dict]) -> None:
+        ds = self.ds_config()
+        # Before initialize: ZeRO swaps each group's "params" for its flat fp32 partition, in place.
+        self._params = [p for g in param_groups for p in g["params"]]
+        client = None if self.resolved.has_optimizer_section else self._client_optimizer(param_groups)
+        self.engine, _, _, _ = self.deepspeed.initialize(
+            model=module, optimizer=client, model_parameters=param_groups if client is None else None,
+            config=ds, dist_init_required=False)
+        self._module = module
+        self._clip = float(ds.get("gradient_clipping", 0.0))
+        # ZeRO and DeepSpeed's 16-bit optimizers compute the global norm; with stage 0 in fp32 the torch
+        # optimizer steps directly and nobody does, so it is computed here.
+        self._norm_here = not hasattr(self.engine.optimizer, "_global_grad_norm")
+
+    def _client_optimizer(self, param_groups: list[dict]) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if self._use_deepspeed_cpu_adam():
+            try:
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                return DeepSpeedCPUAdam(param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                        weight_decay=o.weight_decay, adamw_mode=True)
+            except Exception as e:  # no compiler / headers: slower but correct
+                warnings.warn(f"DeepSpeedCPUAdam unavailable ({e}); the offloaded step uses torch AdamW")
+                self.ds_config()["zero_force_ds_cpu_optimizer"] = False
+        # ZeRO keeps the master weights on the device unless offloaded; AdamW is fused there when it can be.
+        state_device = torch.device("cpu") if self._offload else self.env.device
+        return optim.adamw(param_groups, o, state_device)
+
+    def compile(self) -> None:
+        self.engine.compile()
+
+    # --- the step -----------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.engine
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool):
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
+
+    def autocast(self):
+        # DeepSpeed's bf16/fp16 modes keep 16-bit parameters themselves: no autocast on top.
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, lr: float, clip: float) -> torch.Tensor:
+        opt = self.engine.optimizer
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if clip != self._clip:
+            self._set_clip(clip)
+        norm = None
+        if self._norm_here:  # gradients are already averaged over ranks at the boundary
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads else None
+        if self._first_step_grads is None:
+            self._first_step_grads = self._gradient_bytes()
+        self.engine.step()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = torch.full((), float("nan"))
+        return torch.as_tensor(norm, dtype=torch.float32).to(self.env.device, non_blocking=True)
+
+    def _set_clip(self, clip: float) -> None:
+        self._clip = clip
+        self.engine._config.gradient_clipping = clip
+        if hasattr(self.engine.optimizer, "clip_grad"):
+            self.engine.optimizer.clip_grad = clip
+
+    # --- state -------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        root = path / CKPT_SUBDIR
+        tag = f"global_step{self.engine.global_steps}"
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=True)
+        if self.env.is_main:
+            layout = {"zero_stage": self.stage, "world_size": self.env.world_size, "tag": tag,
+                      "offload": self.resolved.offload, "dtype": str(self._param_dtype()).removeprefix("torch."),
+                      "ds_config": self.ds_config()}
+            (root / LAYOUT).write_text(json.dumps(layout, indent=1), encoding="utf-8")
+
+    def load(self, path: Path) -> None:
+        root = path / CKPT_SUBDIR
+        if not (root / LAYOUT).is_file():
+            raise UsageError(f"{path} was not written by the deepspeed backend (no {CKPT_SUBDIR}/{LAYOUT}); "
+                             f"resume it with the backend that wrote it")
+        layout = json.loads((root / LAYOUT).read_text(encoding="utf-8"))
+        problems = []
+        if layout["zero_stage"] != self.stage:
+            problems.append(f"checkpoint {path} was written at ZeRO stage {layout['zero_stage']}, this run is stage "
+                            f"{self.stage}; set dist.zero_stage={layout['zero_stage']}")
+        if layout["world_size"] != self.env.world_size and self.stage > 0:
+            problems.append(f"checkpoint {path} holds ZeRO stage {self.stage} partitions of {layout['world_size']} "
+                            f"ranks; this run has {self.env.world_size}. Resume with {layout['world_size']} ranks "
+                            f"(or convert it with DeepSpeed's ds_to_universal)")
+        if problems:
+            raise UsageError(problems)
+        with _weights_only_loading(self.engine):
+            loaded, _ = self.engine.load_checkpoint(str(root), tag=layout["tag"], load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint under {root}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """fp32 weights of the transformers model on rank 0: the optimizer's master copy where DeepSpeed keeps
+        one (ZeRO 1-3, bf16/fp16), else the parameters. A collective: every rank gathers each parameter."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        hf = self._module.hf
+        out: dict[str, torch.Tensor] = {}
+        for name, p in hf.named_parameters():
+            full = safe_get_full_fp32_param(p)  # ZeRO 1-3 and 16-bit optimizers (a collective)
+            if self.env.is_main:
+                out[name] = (p.detach() if full is None else full).float().cpu().clone()
+        if not self.env.is_main:
+            return None
+        params = {n for n, _ in hf.named_parameters(remove_duplicate=False)}
+        for name, buf in hf.state_dict().items():
+            if name not in params and name not in out:
+                out[name] = buf.detach().float().cpu().clone()
+        return out
+
+    # --- memory ------------------------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Planned bytes per rank for this stage (DeepSpeed's ZeRO paper accounting, Adam): parameters,
+        gradients, optimizer state (fp32 master copy + two moments)."""
+        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self._params)
+        world, stage = self.env.world_size, self.stage
+        b = 2 if self._param_dtype() != torch.float32 else 4
+        shard = lambda x: -(-x // world)  # noqa: E731
+        # A separate fp32 master copy: always with 16-bit parameters; in fp32, stages 1-2 still keep one, stage 3
+        # only when offloading, stage 0 never (the optimizer updates the parameters in place).
+        master = 4 * n if (b == 2 or stage in (1, 2) or (stage == 3 and self._offload)) else 0
+        report = {
+            "params": b * (shard(n) if stage == 3 else n),
+            "grads": b * (shard(n) if stage >= 2 else n),
+            "optimizer": shard(8 * n + master) if stage >= 1 else 8 * n + master,
+            "zero_stage": stage, "world_size": world,
+            "offloaded": (["optimizer"] + (["params"] if self.resolved.offload_params else [])) if self._offload else [],
+        }
+        return report
+
+    def measured_memory(self) -> dict:
+        """What this rank holds now, counted from live tensors: resident parameter storage (at stage 3 the
+        partitions plus whatever is gathered or persistent), optimizer state (fp32 master partitions where
+        they are a separate copy, and the Adam moments, wherever they live), and the gradient storage seen at
+        the first update."""
+        resident = []
+        for p in self._module.parameters():
+            resident.append(p.data)
+            if hasattr(p, "ds_tensor"):
+                resident.append(p.ds_tensor)
+        shared = {t.untyped_storage().data_ptr() for t in resident if t.numel()}
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        state = [t for s in base.state.values() for t in s.values() if torch.is_tensor(t)]
+        masters = [t for t in self._masters() if t.numel() and t.untyped_storage().data_ptr() not in shared]
+        out = {"params": tensor_bytes(resident), "optimizer": tensor_bytes(state + masters),
+               "grads": self._first_step_grads or 0}
+        out.update(device_peaks(self.env.device))
+        return out
+
+    def _masters(self) -> list[torch.Tensor]:
+        """The fp32 master partitions (ZeRO 1/2 and 3 name them differently; stage 3 lends them to the
+        torch optimizer only while it steps)."""
+        opt = self.engine.optimizer
+        found = _tensors_in(opt, ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                                  "fp32_groups_flat_partition"))
+        base = getattr(opt, "optimizer", opt)
+        return found + [p for g in base.param_groups for p in g["params"]]
+
+    def _gradient_bytes(self) -> int:
+        """Gradient storage at the first update: the module's .grad, ZeRO's reduced partitions and buffers."""
+        tensors = [p.grad for p in self._module.parameters() if p.grad is not None]
+        tensors += [t.grad for t in self._masters() if t.grad is not None]
+        tensors += _tensors_in(self.engine.optimizer, ("averaged_gradients", "accumulated_grads_in_cpu",
+                                                       "grads_in_partition", "grad_partitions_flat_buffer"))
+        return tensor_bytes(tensors)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = None
+        self._module = None
+        # Collect DeepSpeed's finished communication handles now: freed later, during interpreter shutdown,
+        # a gloo worker thread can be torn down mid-callback and abort the process.
+        gc.collect()
+
+
+def _tensors_in(obj, attrs) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def walk(v):
+        if torch.is_tensor(v):
+            found.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    for attr in attrs:
+        walk(getattr(obj, attr, None))
+    return found
+
+
+def device_peaks(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"cuda_max_allocated": int(torch.cuda.max_memory_allocated(device))}
+    import resource
+
+    return {"host_max_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+@contextlib.contextmanager
+def _gathered_init(deepspeed):
+    """Run transformers' per-module weight init on gathered (full) parameters, on every rank.
+
+    Under zero.Init a module's parameters are empty partitions once the module exists, so the init that
+    `post_init` runs would touch nothing and draw nothing from the random stream. Gathering each module's
+    parameters around its init restores both: same values, same order of draws as in one process. Rank 0's
+    values are kept (modifier_rank=0); every rank draws the same numbers anyway."""
+    import transformers.modeling_utils as modeling_utils
+
+    original = modeling_utils.PreTrainedModel._initialize_weights
+
+    def initialize(self, module, *args, **kwargs):
+        if getattr(module, "_is_hf_initialized", False):
+            return original(self, module, *args, **kwargs)
+        # transformers' _init_weights may also touch direct children's parameters.
+        params = list(module.parameters(recurse=False))
+        params += [p for child in module.children() for p in child.parameters(recurse=False)]
+        params = [p for p in params if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
+            return original(self, module, *args, **kwargs)
+
+    modeling_utils.PreTrainedModel._initialize_weights = initialize
+    try:
+        yield
+    finally:
+        modeling_utils.PreTrainedModel._initialize_weights = original
+
+
+# --------------------------------------------------------------------------------------- safe loading
+
+def _safe_globals() -> list:
+    """The only non-tensor, non-container classes DeepSpeed pickles into its checkpoints."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # a (numel, start) record
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location="cpu"):
+    """torch.load that unpickles tensors, containers and the few DeepSpeed classes above, nothing else."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def _weights_only_loading(engine):
+    """DeepSpeed's checkpoint engine loads with weights_only=False; route its reads through safe_load."""
+    ce = engine.checkpoint_engine
+    original = ce.load
+
+    def load(path, map_location=None, *args, **kwargs):
+        return safe_load(path, map_location=map_location)
+
+    ce.load = load
+    try:
+        yield
+    finally:
+        ce.load = original
+
+
+# ------------------------------------------------------------------------------------- offline export
+
+def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The complete fp32 transformers weights of a checkpoint this backend wrote, rebuilt offline in one
+    process from the per-rank partitions (stages 1-3: the fp32 master copies; stage 0: the module)."""
+    root = Path(ckpt) / CKPT_SUBDIR
+    layout_file = root / LAYOUT
+    if not layout_file.is_file():
+        raise UsageError(f"{ckpt}: no {CKPT_SUBDIR}/{LAYOUT}; not a checkpoint of the deepspeed backend")
+    layout = json.loads(layout_file.read_text(encoding="utf-8"))
+    tag_dir = root / layout["tag"]
+    stage, world = int(layout["zero_stage"]), int(layout["world_size"])
+    if stage == 3:
+        model_states = [safe_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world)]
+    else:
+        model_states = [safe_load(tag_dir / "mp_rank_00_model_states.pt")]
+    first = model_states[0]
+    if stage == 0:
+        full = {k: v.float() for k, v in first["module"].items()}
+    else:
+        optim = [safe_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+                 for r in range(world)]
+        shapes = first["param_shapes"]
+        if stage == 3:
+            full = _merge_stage3([o["fp32_flat_groups"] for o in optim], shapes, world)
+            full.update(_merge_frozen_stage3(model_states, world))
+        else:
+            full = _merge_stage12([o["single_partition_of_fp32_groups"] for o in optim], shapes,
+                                  optim[0].get("param_alignment_paddings"))
+        trainable = {name for group in shapes for name in group}
+        for k, v in first["module"].items():  # buffers, and at stages 1-2 frozen parameters, are whole
+            if k not in full and k not in trainable:
+                full[k] = v.float()
+    for alias, target in (first.get("shared_params") or {}).items():
+        if target in full:
+            full.setdefault(alias, full[target])
+    prefix = "hf."
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _merge_stage12(flat_groups: list[list[torch.Tensor]], shapes: list[dict], alignment_paddings) -> dict:
+    """Stages 1/2: each param group is one flat fp32 vector, cut into equal contiguous slices, one per rank
+    (rank order); parameters follow each other in it, each followed by its alignment padding if any."""
+    out = {}
+    for g, group_shapes in enumerate(shapes):
+        flat = torch.cat([ranks[g].float() for ranks in flat_groups])
+        paddings = alignment_paddings[g] if alignment_paddings is not None else [0] * len(group_shapes)
+        offset = 0
+        for (name, shape), pad in zip(group_shapes.items(), paddings):
+            numel = int(torch.Size(shape).numel())
+            out[name] = flat[offset:offset + numel].view(shape).clone()
+            offset += numel + int(pad)
+    return out
+
+
+def _merge_stage3(flat_groups: list[list[torch.Tensor]], shapes: list[dict], world: int) -> dict:
+    """Stage 3 partitions every parameter on its own: rank r holds elements [r*k, (r+1)*k) of it, with
+    k = ceil(numel / world) (the last rank zero-padded), and a rank's flat groups, back to back, hold those
+    slices in parameter order."""
+    flats = [torch.cat([t.float() for t in ranks]) for ranks in flat_groups]
+    out, offset = {}, 0
+    for name, shape in ((n, s) for group in shapes for n, s in group.items()):
+        numel = int(torch.Size(shape).numel())
+        k = -(-numel // world)
+        out[name] = torch.cat([f[offset:offset + k] for f in flats])[:numel].view(shape).clone()
+        offset += k
+    if offset != flats[0].numel():
+        raise RuntimeError(f"stage-3 checkpoint: parameters account for {offset} of {flats[0].numel()} elements "
+                           f"per rank; the partitions do not match the recorded shapes")
+    return out
+
+
+def _merge_frozen_stage3(model_states: list[dict], world: int) -> dict:
+    """Frozen (requires_grad=False) parameters are not in the optimizer; at stage 3 each rank saved its slice."""
+    shapes = model_states[0].get("frozen_param_shapes") or {}
+    out = {}
+    for name, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        pieces = [ms["frozen_param_fragments"][name].float().flatten() for ms in model_states]
+        out[name] = torch.cat(pieces)[:numel].view(shape).clone()
+    return out
