@@ -257,7 +257,8 @@ class Trainer:
         module.train(was)
         diff = 0.0
         if self.env.is_main:
-            reloaded = load_exported(out, self.cfg.model.head)
+            # in the dtype the engine computes in (16-bit under DeepSpeed bf16/fp16; the export itself is fp32)
+            reloaded = load_exported(out, self.cfg.model.head).to(self.backend.param_dtype)
             with torch.no_grad():
                 theirs = reloaded(input_ids=probe["input_ids"].cpu(),
                                   attention_mask=probe["attention_mask"].cpu() if "attention_mask" in probe else None

@@ -57,6 +57,12 @@ class Backend(ABC):
         """torch.compile the training forward (model.compile=true)."""
         raise NotImplementedError(f"model.compile is not supported by the {self.name} backend yet")
 
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """dtype the trained module's parameters live (and compute) in: float32, unless the backend keeps
+        16-bit parameters itself (DeepSpeed bf16/fp16); the export check reloads the export in it."""
+        return torch.float32
+
     # --- the step ------------------------------------------------------------------------------------
     @property
     @abstractmethod

@@ -67,6 +67,8 @@ def _import_deepspeed(device: torch.device):
     """deepspeed, with the accelerator matching the engine's device."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed still calls torch's deprecated collective names, dozens of warnings per step with torch >= 2.10.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     import deepspeed
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
@@ -105,7 +107,8 @@ class DeepSpeedBackend(Backend):
         self._hf_ds = None
         self.engine = None
         self._first_step_grads: int | None = None
-        if not torch.distributed.is_initialized():
+        self._own_group = not torch.distributed.is_initialized()
+        if self._own_group:
             dist.init_single_process_group(env.device)  # DeepSpeed needs a process group, even of one
         self.deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo",
                                         dist_init_required=False)
@@ -168,7 +171,8 @@ class DeepSpeedBackend(Backend):
             self._hf_ds = None
             unset_hf_deepspeed_config()
 
-    def _param_dtype(self) -> torch.dtype:
+    @property
+    def param_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision, torch.float32)
 
     def setup(self, module: nn.Module, param_groups: list[dict]) -> None:
@@ -256,7 +260,7 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=True)
         if self.env.is_main:
             layout = {"zero_stage": self.stage, "world_size": self.env.world_size, "tag": tag,
-                      "offload": self.resolved.offload, "dtype": str(self._param_dtype()).removeprefix("torch."),
+                      "offload": self.resolved.offload, "dtype": str(self.param_dtype).removeprefix("torch."),
                       "ds_config": self.ds_config()}
             (root / LAYOUT).write_text(json.dumps(layout, indent=1), encoding="utf-8")
 
@@ -307,7 +311,7 @@ class DeepSpeedBackend(Backend):
         gradients, optimizer state (fp32 master copy + two moments)."""
         n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self._params)
         world, stage = self.env.world_size, self.stage
-        b = 2 if self._param_dtype() != torch.float32 else 4
+        b = 2 if self.param_dtype != torch.float32 else 4
         shard = lambda x: -(-x // world)  # noqa: E731
         # A separate fp32 master copy: always with 16-bit parameters; in fp32, stages 1-2 still keep one, stage 3
         # only when offloading, stage 0 never (the optimizer updates the parameters in place).
@@ -365,6 +369,9 @@ class DeepSpeedBackend(Backend):
         # Collect DeepSpeed's finished communication handles now: freed later, during interpreter shutdown,
         # a gloo worker thread can be torn down mid-callback and abort the process.
         gc.collect()
+        if self._own_group:  # the single-process group this backend made; a launcher's group is the CLI's
+            dist.shutdown()
+            self._own_group = False
 
 
 def _tensors_in(obj, attrs) -> list[torch.Tensor]:
@@ -484,9 +491,10 @@ def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
         else:
             full = _merge_stage12([o["single_partition_of_fp32_groups"] for o in optim], shapes,
                                   optim[0].get("param_alignment_paddings"))
-        trainable = {name for group in shapes for name in group}
+        trainable = {name for group in shapes for name in group} | set(first.get("shared_params") or {})
+        buffers = set(first.get("buffer_names") or [])
         for k, v in first["module"].items():  # buffers, and at stages 1-2 frozen parameters, are whole
-            if k not in full and k not in trainable:
+            if k not in full and k not in trainable and (stage < 3 or k in buffers):
                 full[k] = v.float()
     for alias, target in (first.get("shared_params") or {}).items():
         if target in full:

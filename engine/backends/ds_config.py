@@ -140,20 +140,21 @@ def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved
     else:
         ds, label, problems = builtin(d.zero_stage, d.offload), "the built-in DeepSpeed config", []
 
-    def own(path: str, value, key: str, why: str = "") -> None:
+    def own(path: str, value, key: str, why: str = "", shown=None, fix: str = "") -> None:
         cur = _get(ds, path)
         if cur is _MISSING or cur == AUTO:
             _set(ds, path, value)
         elif not _same(cur, value):
-            problems.append(f"{label}: {path}={_show(cur)} contradicts {key}={_show(value)}{why}; "
-                            f"set it to \"auto\" or change {key}")
+            problems.append(f"{label}: {path}={_show(cur)} contradicts {key}={_show(value if shown is None else shown)}"
+                            f"{why}; set it to \"auto\" or change {fix or key}")
 
     t = cfg.train
     own("train_micro_batch_size_per_gpu", t.micro_batch, "train.micro_batch")
     own("gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
     if world is not None:
         own("train_batch_size", t.micro_batch * t.grad_accum * world, "train.micro_batch x train.grad_accum x world",
-            f" ({t.micro_batch} x {t.grad_accum} x {world} ranks)")
+            f" ({t.micro_batch} x {t.grad_accum} x {world} ranks)",
+            fix="train.micro_batch, train.grad_accum or the number of ranks")
     else:
         tbs = _get(ds, "train_batch_size")
         per_rank = t.micro_batch * t.grad_accum
@@ -161,8 +162,8 @@ def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved
             problems.append(f"{label}: train_batch_size={_show(tbs)} contradicts train.micro_batch x train.grad_accum "
                             f"= {per_rank} for every world size (it must be a multiple); set it to \"auto\"")
     own("gradient_clipping", t.clip_grad, "train.clip_grad")
-    own("bf16.enabled", t.precision == "bf16", "train.precision", f" ({t.precision})")
-    own("fp16.enabled", t.precision == "fp16", "train.precision", f" ({t.precision})")
+    own("bf16.enabled", t.precision == "bf16", "train.precision", shown=t.precision)
+    own("fp16.enabled", t.precision == "fp16", "train.precision", shown=t.precision)
 
     stage = _stage(ds, d, label, problems)
     offload = _offload(ds, d, stage, label, problems)
