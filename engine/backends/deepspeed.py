@@ -48,6 +48,7 @@ import contextlib
 import gc
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -65,17 +66,19 @@ LAYOUT = "layout.json"
 
 def _import_deepspeed(device: torch.device):
     """deepspeed, with the accelerator matching the engine's device."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "deepspeed" not in sys.modules:  # DeepSpeed picks its accelerator once, at import
+        os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
     # DeepSpeed still calls torch's deprecated collective names, dozens of warnings per step with torch >= 2.10.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     import deepspeed
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
-    if device.type == "cpu" and get_accelerator().device_name() != "cpu":
-        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-        set_accelerator(CPU_Accelerator())
+    if get_accelerator().device_name() != device.type:  # imported earlier by someone else
+        if device.type == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        set_accelerator(Accelerator())
     if device.type == "cpu":
         # DeepSpeed compiles a shared-memory all-reduce for CPU inference on first use (40 s, and it needs a
         # C++ compiler); training never calls it and uses the gloo group. DeepSpeed keeps this dict editable.
@@ -313,9 +316,9 @@ class DeepSpeedBackend(Backend):
         world, stage = self.env.world_size, self.stage
         b = 2 if self.param_dtype != torch.float32 else 4
         shard = lambda x: -(-x // world)  # noqa: E731
-        # A separate fp32 master copy: always with 16-bit parameters; in fp32, stages 1-2 still keep one, stage 3
-        # only when offloading, stage 0 never (the optimizer updates the parameters in place).
-        master = 4 * n if (b == 2 or stage in (1, 2) or (stage == 3 and self._offload)) else 0
+        # A separate fp32 master copy: ZeRO 1-3 always keep one (even of fp32 parameters: measured, DeepSpeed
+        # 0.19); stage 0 only for 16-bit parameters (in fp32 the torch optimizer updates them in place).
+        master = 4 * n if (stage >= 1 or b == 2) else 0
         report = {
             "params": b * (shard(n) if stage == 3 else n),
             "grads": b * (shard(n) if stage >= 2 else n),
