@@ -70,6 +70,7 @@ def train(config, overrides, no_progress):
         trainer.train()
     finally:
         trainer.close()
+        del trainer  # the model and its wrappers hold the process group: release them before shutdown
         dist.shutdown()
 
 

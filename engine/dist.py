@@ -10,6 +10,7 @@ Everything else asks `DistEnv` (or the small helpers below) instead of the envir
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import subprocess
@@ -134,8 +135,13 @@ def init_single_process_group(device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    # Free finished collectives and wrappers that still hold the group while the interpreter is whole: a gloo
+    # worker thread that drops the last reference to a Python-owned tensor during interpreter shutdown cannot
+    # take the GIL and aborts the process ("terminate called without an active exception") after a good run.
+    gc.collect()
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    gc.collect()
 
 
 def rank() -> int:

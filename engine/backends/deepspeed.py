@@ -132,10 +132,13 @@ class DeepSpeedBackend(Backend):
 
     def _hidden_size(self) -> int | None:
         conf = self.source.config
-        if conf is None:
+        if conf is None:  # a hub id: its config.json only (the weights come later, with the model)
             from transformers import AutoConfig
 
-            conf = AutoConfig.from_pretrained(self.source.name)
+            try:
+                conf = AutoConfig.from_pretrained(self.source.name)
+            except OSError:
+                return None  # unreachable: the model build reports it; sizes fall back to DeepSpeed's defaults
         return int(conf.n_embd)
 
     @property

@@ -129,8 +129,9 @@ def read_json(path: str) -> tuple[dict | None, list[str]]:
 def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved | None, list[str]]:
     """Fill `cfg.dist.ds_config` (or the built-in config of dist.zero_stage/offload) from `cfg`.
 
-    `world=None` (config validation) checks everything that does not depend on the world size;
-    `hidden=None` leaves the width-derived sizes as "auto" for a later call."""
+    `world=None` (config validation) checks everything that does not depend on the world size and leaves
+    "auto" values in place; with the world size the result is final, and without `hidden` (the model's
+    width) the width-derived sizes fall back to DeepSpeed's defaults."""
     d = cfg.dist
     if d.ds_config:
         user, problems = read_json(d.ds_config)
@@ -169,7 +170,7 @@ def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved
     offload = _offload(ds, d, stage, label, problems)
     _optimizer(ds, cfg.optim, label, problems, own)
     _scheduler(ds, label, problems)
-    _sizes(ds, hidden)
+    _sizes(ds, hidden, final=world is not None)
     for k, v in ENGINE_DEFAULTS.items():
         ds.setdefault(k, v)
     return Resolved(ds, stage, offload, label), problems
@@ -253,16 +254,16 @@ def _scheduler(ds: dict, label: str, problems: list[str]) -> None:
                         f"params \"auto\"")
 
 
-def _sizes(ds: dict, hidden: int | None) -> None:
+def _sizes(ds: dict, hidden: int | None, final: bool) -> None:
+    """Width-derived sizes; once final (the world size is known), any "auto" left is dropped."""
     zero = ds.get("zero_optimization")
-    if not isinstance(zero, dict):
-        return
     sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
              "stage3_param_persistence_threshold": lambda h: 10 * h}
-    for key, fn in sizes.items():
-        if zero.get(key) == AUTO and hidden is not None:
-            zero[key] = fn(hidden)
-    if hidden is not None:
+    if isinstance(zero, dict) and hidden is not None:
+        for key, fn in sizes.items():
+            if zero.get(key) == AUTO:
+                zero[key] = fn(hidden)
+    if final:
         _drop_auto(ds)
 
 

@@ -156,6 +156,17 @@ def test_zero_matches_ddp_and_a_single_process(name, runs, single, ddp):
     assert torch.equal(offline.get("lm_head.weight", w["transformer.wte.weight"]), w["transformer.wte.weight"])
 
 
+def test_deepspeed_in_one_process_without_a_launcher(single, corpus, root):
+    """`ftl train --set dist.backend=deepspeed` alone (ZeRO-Offload on one GPU is the common case): the backend
+    makes a process group of one, and the run matches the DDP-path single process."""
+    run_dir = root / "one_process_zero2_offload"
+    check(run_ftl(["train", "--no-progress", *tiny_overrides(run_dir, **split_overrides(
+        corpus, 8, 1, **{"dist.backend": "deepspeed", "dist.zero_stage": 2, "dist.offload": "cpu"}))]))
+    assert train_losses(run_dir) == pytest.approx(train_losses(single), rel=LOSS_RTOL)
+    w, rw = final_weights(run_dir), final_weights(single)
+    assert max(float((rw[k] - w[k]).abs().max()) for k in rw) < WEIGHT_ATOL
+
+
 def test_memory_report_and_zero3_shards_parameters(runs, single):
     full = 4 * sum(v.numel() for v in final_weights(single).values())  # fp32 bytes of the whole model
     for name in ("zero1", "zero3"):
