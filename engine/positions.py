@@ -39,7 +39,7 @@ def extended_table(old: torch.Tensor, n: int, mode: str) -> torch.Tensor:
 def extend(hf_model: nn.Module, n: int, mode: str) -> bool:
     """Grow the model's position embeddings to `n` rows in place; returns whether anything changed."""
     wpe = hf_model.get_submodule("transformer.wpe")
-    m = wpe.weight.shape[0]
+    m = getattr(wpe.weight, "ds_shape", wpe.weight.shape)[0]  # a ZeRO-3 partition is flat: its full shape counts
     if n <= m:
         return False
     if hasattr(wpe.weight, "ds_id"):  # partitioned by ZeRO-3 at construction: rows are not all here
