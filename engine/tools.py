@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine import checkpoint, data, dist, model as model_lib
+from engine import checkpoint, data, dist, fastpath, model as model_lib
 from engine.config import DataConfig
 from engine.errors import UsageError
 
@@ -177,6 +177,8 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     hf_config = AutoConfig.from_pretrained(path / "config.json")
     tok = data.load_tokenizer(str(path / "tokenizer"))
     weights = full_state_from_checkpoint(path)
+    if head == "lm":  # checkpoints hold the padded vocabulary (perf.pad_vocab_to)
+        weights = fastpath.unpad_state_dict(weights, hf_config.vocab_size)
     labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)] if head == "cls" else None
     checkpoint.export_hf(hf_config, head, weights, tok, out, labels)
     verify_weights(out, weights, head)

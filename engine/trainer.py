@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import backends, checkpoint, data, dist, losses, metrics, model as model_lib, optim, windows
+from engine import backends, checkpoint, data, dist, fastpath, losses, metrics, model as model_lib, optim, windows
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 
@@ -38,6 +38,7 @@ class Trainer:
         self.env = env or dist.init(cfg.train.device, cfg.dist.timeout_s)
         self.run_dir = cfg.run_dir
         self.log = print if self.env.is_main else (lambda *a, **k: None)
+        fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
 
         # 1. Decide whether to resume (before anything is written) and validate data + model.
@@ -55,7 +56,7 @@ class Trainer:
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
         self.hf_config = hf.config
         self.n_params = model_lib.num_parameters(hf)
-        module = model_lib.TrainModule(hf, cfg.model.head)
+        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf)  # pads the vocab, chunked loss
         self.backend.setup(module, optim.param_groups(module, cfg.optim.weight_decay))
         if cfg.model.compile:
             self.backend.compile()

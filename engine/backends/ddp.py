@@ -35,7 +35,11 @@ class DDPBackend(Backend):
         self.scaler = torch.amp.GradScaler(self.env.device.type) if self.cfg.train.precision == "fp16" else None
 
     def compile(self) -> None:
-        self._wrapped = torch.compile(self._wrapped)
+        # The DDP wrapper itself is compiled: dynamo's DDPOptimizer splits the graph at bucket boundaries
+        # so gradient all-reduces still overlap the backward.
+        perf = self.cfg.perf
+        self._wrapped = torch.compile(self._wrapped, backend=perf.compile_backend,
+                                      mode=None if perf.compile_mode == "default" else perf.compile_mode)
 
     @property
     def model(self) -> nn.Module:
