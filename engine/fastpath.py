@@ -12,10 +12,13 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
 2. `LMHead`: the output layer as a module whose forward takes the labels and returns the summed
    loss, computed by `losses.linear_cross_entropy_sum` in chunks of tokens without materializing the
    [tokens x vocab] fp32 logits. The weight is read inside the head's OWN forward on purpose:
-   DeepSpeed ZeRO-3 gathers a partitioned parameter only while the module that owns it runs its
-   forward, so a loss function reading `lm_head.weight` from outside would see an empty shard. Here
-   ZeRO-3 gathers the tied weight for the head's forward like for any nn.Linear, and no backend has
-   to know about the chunked loss.
+   DeepSpeed ZeRO-3 gathers a partitioned parameter for the forward of the module that owns it. Read
+   anywhere else it is an empty shard, unless DeepSpeed's getter hook notices the read inside some
+   other module's eager forward and registers it as that module's "external parameter" (0.19.8 does;
+   the hook is skipped while torch.compile traces, and outside every forward the shard stays empty).
+   Here ZeRO-3 gathers the tied weight for the head's forward like for any nn.Linear and releases it
+   after, no backend has to `register_external_parameter`, and no backend has to know about the
+   chunked loss (tests/distributed/test_zero3_lm_head.py runs it under real ZeRO-3).
 
 3. Causal body. For batches without padding (packed LM data: no attention_mask) the GPT-2 blocks are
    called directly with no mask, so SDPA runs with is_causal=True (the flash kernel on GPU).

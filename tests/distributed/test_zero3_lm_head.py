@@ -1,8 +1,9 @@
 """The chunked LM loss under DeepSpeed ZeRO-3, with the real deepspeed package.
 
-ZeRO-3 gathers a partitioned parameter only while its owning module runs forward; the engine computes
-the loss inside `LMHead.forward` for exactly that reason (engine/fastpath.py). A loss that read
-`lm_head.weight` from outside would meet an empty shard here and fail."""
+ZeRO-3 gathers a partitioned parameter for the forward of the module that owns it, and the engine computes
+the chunked loss (whose gradients are produced during the forward) inside `LMHead.forward` for that reason
+(engine/fastpath.py). Every parameter here is a real, empty shard outside the forwards; loss and
+gradients must still equal training without DeepSpeed."""
 
 import json
 import subprocess
