@@ -136,16 +136,17 @@ def max_positions(model_or_config) -> int:
 class TrainModule(nn.Module):
     """The unit a backend wraps: batch in, summed loss out (the trainer owns normalization).
 
-    For the lm head it installs the fast path (engine/fastpath.py): the vocabulary padded to
-    `perf.pad_vocab_to`, an `LMHead` that returns the (chunked) summed loss from its own forward, and
-    the direct causal body for unpadded batches."""
+    For the lm head it uses the fast path (engine/fastpath.py): an `LMHead` that returns the (chunked)
+    summed loss from its own forward, over a vocabulary padded to `perf.pad_vocab_to` (installed here
+    unless the trainer already did, inside the backend's construction context), and the direct causal
+    body for unpadded batches."""
 
     def __init__(self, hf_model: nn.Module, head: str, perf: PerfConfig | None = None):
         super().__init__()
         perf = perf or PerfConfig()
         self.hf = hf_model
         self.head = head
-        if head == "lm":
+        if head == "lm" and not isinstance(hf_model.lm_head, fastpath.LMHead):
             fastpath.install_lm_head(hf_model, perf)
         self.causal_body = head == "lm" and fastpath.can_use_causal_body(hf_model, perf)
 

@@ -51,12 +51,14 @@ class Trainer:
         seed_everything(cfg.run.seed)
         with self.backend.construct():
             hf = model_lib.build(cfg.model, self.source, self.data.tokenizer, self.data.num_labels)
+            if cfg.model.head == "lm":  # in construct(): ZeRO-3 partitions the padded embedding as it is made
+                fastpath.install_lm_head(hf, cfg.perf)
         if self.data.label_names:
             hf.config.id2label = dict(enumerate(self.data.label_names))
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
         self.hf_config = hf.config
-        self.n_params = model_lib.num_parameters(hf)
-        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf)  # pads the vocab, chunked loss
+        self.n_params = model_lib.num_parameters(hf) - fastpath.padding_parameters(hf)  # MFU counts the real model
+        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf)
         self.backend.setup(module, optim.param_groups(module, cfg.optim.weight_decay))
         if cfg.model.compile:
             self.backend.compile()
