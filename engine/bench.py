@@ -295,7 +295,8 @@ def _batches_for(facts: dict, steps: int, device: torch.device) -> list[list[dic
     from engine import data
 
     batches = data.TrainBatches(facts["data"], facts["layout"], facts["cfg"].run.seed, torch.device("cpu"))
-    return [[{k: v.to(device) for k, v in mb.items()} for mb in batches.micro_batches(s)] for s in range(steps)]
+    step = facts["layout"].global_batch
+    return [[{k: v.to(device) for k, v in mb.items()} for mb in batches.micro_batches(s * step)] for s in range(steps)]
 
 
 def _autocast(precision: str, device: torch.device):

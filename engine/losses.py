@@ -64,7 +64,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
 
 def _chunked_ce(hidden, weight, labels, vocab, chunk, smoothing, dtype, need_h, need_w):
-    """(summed loss, d loss / d hidden or None, d loss / d weight in fp32 or None)."""
+    """(summed loss, d loss / d hidden or None, d loss / d weight in fp32 or None).
+
+    Per chunk the [rows x vocab] fp32 block is touched as few times as eager PyTorch allows: one exp
+    pass serves both the log-sum-exp and the softmax, and the target mask is folded into the
+    softmax's per-row scale."""
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -75,21 +79,26 @@ def _chunked_ce(hidden, weight, labels, vocab, chunk, smoothing, dtype, need_h, 
             y = labels[start:start + chunk]
             z = torch.mm(h, w.t()).float()
             if w.shape[0] > vocab:
-                z[:, vocab:] = float("-inf")
-            lse = torch.logsumexp(z, dim=1)
-            valid = y != IGNORE
-            target = torch.where(valid, y, torch.zeros_like(y))
-            per = lse - z.gather(1, target[:, None]).squeeze(1)
+                z[:, vocab:] = float("-inf")  # padding: exp() makes these exactly 0 below
+            valid = (y != IGNORE).float()
+            target = torch.where(y != IGNORE, y, torch.zeros_like(y))
+            z_target = z.gather(1, target[:, None]).squeeze(1)
+            z_mean = z[:, :vocab].mean(dim=1) if smoothing else None
+            z_max = z.amax(dim=1, keepdim=True)
+            e = z.sub_(z_max).exp_()  # in place: z is not needed any more
+            row_sum = e.sum(dim=1, keepdim=True)
+            lse = (z_max + row_sum.log()).squeeze(1)
+            per = lse - z_target
             if smoothing:
-                per = (1.0 - smoothing) * per + smoothing * (lse - z[:, :vocab].mean(dim=1))
-            total += torch.where(valid, per, torch.zeros_like(per)).sum()
+                per = (1.0 - smoothing) * per + smoothing * (lse - z_mean)
+            total += (per * valid).sum()
             if not (need_h or need_w):
                 continue
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place; padded columns become exactly 0
-            g.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], smoothing - 1.0))
+            g = e.mul_(valid[:, None] / row_sum)  # softmax on target rows, 0 on ignored ones
+            g.scatter_add_(1, target[:, None], ((smoothing - 1.0) * valid)[:, None])
             if smoothing:
-                g[:, :vocab] -= smoothing / vocab
-            g = g.mul_(valid[:, None]).to(dtype)
+                g[:, :vocab] -= (smoothing / vocab) * valid[:, None]
+            g = g.to(dtype)
             if need_h:
                 grad_h[start:start + chunk] = torch.mm(g, w)
             if need_w:
