@@ -20,14 +20,15 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
    after, no backend has to `register_external_parameter`, and no backend has to know about the
    chunked loss (tests/distributed/test_zero3_lm_head.py runs it under real ZeRO-3).
 
-3. Causal body. For batches without padding (packed LM data: no attention_mask) the GPT-2 blocks are
+3. Causal body. For packed LM data (every batch full length, no attention_mask) the GPT-2 blocks are
    called directly with no mask, so SDPA runs with is_causal=True (the flash kernel on GPU).
    transformers' own GPT2Model.forward would, on every forward, read device values back twice
    (`warn_if_padding_and_no_attention_mask` checks the pad id in input_ids; the packed-sequence
    detection calls `.all()` on the position ids): two host-device syncs per micro-batch. The blocks,
    their weights and HF's per-block activation checkpointing are the stock modules; only the
-   dispatch around them is skipped. Padded batches go through transformers' forward, which builds
-   the padding mask.
+   dispatch around them is skipped. Unpacked data goes through transformers' forward, which builds
+   the padding mask, for every batch: the path is chosen per run, not per batch, because ZeRO-3
+   needs the same module sequence on every rank.
 
 4. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
    GPU that supports it (fp32 elsewhere).
@@ -58,6 +59,11 @@ def configure(cfg, device: torch.device) -> None:
             torch.backends.cudnn.conv.fp32_precision = mode
         else:
             matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.perf.tf32
+
+
+def compile_options(perf) -> tuple[str, dict]:
+    """(backend, torch.compile keyword arguments) for model.compile=true, shared by every backend."""
+    return perf.compile_backend, ({} if perf.compile_mode == "default" else {"mode": perf.compile_mode})
 
 
 def padded_size(vocab: int, multiple: int) -> int:

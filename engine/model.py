@@ -138,17 +138,19 @@ class TrainModule(nn.Module):
 
     For the lm head it uses the fast path (engine/fastpath.py): an `LMHead` that returns the (chunked)
     summed loss from its own forward, over a vocabulary padded to `perf.pad_vocab_to` (installed here
-    unless the trainer already did, inside the backend's construction context), and the direct causal
-    body for unpadded batches."""
+    unless the trainer already did, inside the backend's construction context), and, when the data is
+    `packed` (every batch full length, never an attention mask), the direct causal body. That choice is
+    made once, not per batch: ZeRO-3 requires every rank to run the same sequence of modules, and
+    unpacked batches carry a mask on one rank and none on another."""
 
-    def __init__(self, hf_model: nn.Module, head: str, perf: PerfConfig | None = None):
+    def __init__(self, hf_model: nn.Module, head: str, perf: PerfConfig | None = None, packed: bool = False):
         super().__init__()
         perf = perf or PerfConfig()
         self.hf = hf_model
         self.head = head
         if head == "lm" and not isinstance(hf_model.lm_head, fastpath.LMHead):
             fastpath.install_lm_head(hf_model, perf)
-        self.causal_body = head == "lm" and fastpath.can_use_causal_body(hf_model, perf)
+        self.causal_body = head == "lm" and packed and fastpath.can_use_causal_body(hf_model, perf)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -65,7 +65,7 @@ def evaluate_model(path: Path, source: str, split: str, seq_len: int | None, bat
     prepared = data.prepare(raw, tok, dcfg, head, label_names=labels)
     if len(prepared.validation) == 0:
         raise UsageError(f"the {split} split of {source!r} has no sample of {dcfg.seq_len} tokens; lower --seq-len")
-    out = evaluate(model_lib.TrainModule(hf, head), prepared, env, batch_size, max_batches)
+    out = evaluate(model_lib.TrainModule(hf, head, packed=dcfg.pack), prepared, env, batch_size, max_batches)
     return {"model": str(model_dir), "split": split, "samples": len(prepared.validation), **out}
 
 

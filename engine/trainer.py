@@ -58,7 +58,7 @@ class Trainer:
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
         self.hf_config = hf.config
         self.n_params = model_lib.num_parameters(hf) - fastpath.padding_parameters(hf)  # MFU counts the real model
-        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf)
+        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack)
         self.backend.setup(module, optim.param_groups(module, cfg.optim.weight_decay))
         if cfg.model.compile:
             self.backend.compile()

@@ -13,7 +13,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine import optim
+from engine import fastpath, optim
 from engine.backends.base import Backend
 
 
@@ -37,9 +37,8 @@ class DDPBackend(Backend):
     def compile(self) -> None:
         # The DDP wrapper itself is compiled: dynamo's DDPOptimizer splits the graph at bucket boundaries
         # so gradient all-reduces still overlap the backward.
-        perf = self.cfg.perf
-        self._wrapped = torch.compile(self._wrapped, backend=perf.compile_backend,
-                                      mode=None if perf.compile_mode == "default" else perf.compile_mode)
+        backend, kwargs = fastpath.compile_options(self.cfg.perf)
+        self._wrapped = torch.compile(self._wrapped, backend=backend, **kwargs)
 
     @property
     def model(self) -> nn.Module:

@@ -32,7 +32,7 @@ def main(port: str) -> None:
                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     perf = PerfConfig(ce_chunk_tokens=24)
     torch.manual_seed(0)
-    ref = TrainModule(GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa"), "lm", perf)
+    ref = TrainModule(GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa"), "lm", perf, packed=True)
 
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -46,7 +46,7 @@ def main(port: str) -> None:
                 p.copy_(refs[name])
     del hf_ds
     unset_hf_deepspeed_config()
-    module = TrainModule(hf, "lm", perf)
+    module = TrainModule(hf, "lm", perf, packed=True)  # the causal body too
 
     ids = torch.randint(0, 500, (4, 32))
     labels = ids.roll(-1, 1)

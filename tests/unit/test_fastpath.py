@@ -103,7 +103,8 @@ def test_train_module_pads_the_vocabulary_without_changing_the_math(tokenizer):
     hf = build(tokenizer)
     plain = copy.deepcopy(hf)
     vocab = len(tokenizer)
-    module = model_lib.TrainModule(hf, "lm", PerfConfig(ce_chunk_tokens=5))
+    module = model_lib.TrainModule(hf, "lm", PerfConfig(ce_chunk_tokens=5), packed=True)
+    assert module.causal_body
     assert hf.transformer.wte.num_embeddings == fastpath.padded_size(vocab, 64) > vocab
     assert hf.lm_head.weight is hf.transformer.wte.weight  # still tied
     assert hf.config.vocab_size == vocab  # exports and generation see the real size
@@ -150,5 +151,21 @@ def test_causal_body_needs_sdpa(tokenizer):
     cfg = ModelConfig(name="gpt2-tiny", attn_implementation="eager")
     hf = model_lib.build(cfg, model_lib.resolve(cfg), tokenizer)
     assert not fastpath.can_use_causal_body(hf, PerfConfig())  # eager attention needs the causal mask
-    assert not model_lib.TrainModule(hf, "lm").causal_body
+    assert not model_lib.TrainModule(hf, "lm", packed=True).causal_body
     assert not fastpath.can_use_causal_body(build(tokenizer), PerfConfig(causal_body=False))
+
+
+def test_unpacked_data_takes_one_path_for_every_batch(tokenizer):
+    """Unpacked batches carry an attention mask on one rank and none on another. ZeRO-3 needs every rank
+    to run the same modules in the same order, so the path is chosen per run: transformers' forward for
+    every batch, mask or not."""
+    hf = build(tokenizer)
+    module = model_lib.TrainModule(hf, "lm", packed=False)
+    calls = []
+    hf.transformer.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, len(tokenizer), (2, 9))
+    module(ids, ids)
+    module(ids, ids, attention_mask=torch.ones_like(ids))
+    assert len(calls) == 2
+    packed = model_lib.TrainModule(build(tokenizer), "lm", packed=True)
+    assert packed.causal_body
