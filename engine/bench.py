@@ -181,8 +181,38 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+class RssPeak:
+    """Peak resident set size of this process while the block runs, sampled every few ms on a thread
+    (the CPU counterpart of max_memory_allocated: large buffers are returned to the OS when freed, so
+    the RSS after a step says little about the step's peak)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self.interval, self.peak = interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ftl-bench-rss")
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
 def _summary(durations: list[float], tokens_per_step: int, fpt: float, peak: float | None, world: int,
-             device: torch.device, loss: float | None = None) -> dict:
+             device: torch.device, loss: float | None = None, rss_peak: float | None = None) -> dict:
     step = statistics.median(durations)
     tps = tokens_per_step / step
     return {
@@ -193,6 +223,7 @@ def _summary(durations: list[float], tokens_per_step: int, fpt: float, peak: flo
         "mfu": tps * fpt / (peak * world) if peak else None,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "rss_mib": _rss_mib(),
+        "rss_peak_mib": rss_peak,
         "timed_steps": len(durations),
         "loss": loss,
     }
@@ -230,16 +261,17 @@ def measure_ours(point: Point, opts: Options, env, corpus: Path, tokenizer_dir: 
     _reset_memory(env.device)
     trainer = Trainer(cfg, env=env, progress=False)
     try:
-        clock = StepClock(env.device)
-        loss = torch.zeros((), device=env.device)
+        clock, rss = StepClock(env.device), RssPeak()
         for i in range(opts.warmup + opts.steps):
             if i == opts.warmup:
                 _sync(env.device)
+                rss.__enter__()
                 clock.mark()
             loss_sum, count, _, _, _ = trainer.train_step(trainer.batches.next())
             trainer.step += 1
             if i >= opts.warmup:
                 clock.mark()
+        rss.__exit__()
         loss = loss_sum / count.clamp(min=1)
         durations = clock.durations()
         _sync(env.device)
@@ -250,7 +282,7 @@ def measure_ours(point: Point, opts: Options, env, corpus: Path, tokenizer_dir: 
                  "layout": trainer.layout, "precision": cfg.train.precision, "cfg": cfg}
         tokens = env.world_size * point.micro_batch * point.grad_accum * point.seq_len
         result = _summary(durations, tokens, fpt, metrics.peak_flops(env.device), env.world_size, env.device,
-                          float(loss))
+                          float(loss), rss.peak)
     finally:
         trainer.close()
         dist.barrier()
@@ -325,11 +357,12 @@ def measure_torch(point: Point, opts: Options, env, facts: dict) -> dict:
                             fused=True if cuda else None)
     precision = facts["precision"]
     scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
-    clock = StepClock(env.device)
+    clock, rss = StepClock(env.device), RssPeak()
     try:
         for i in range(steps):
             if i == opts.warmup:
                 _sync(env.device)
+                rss.__enter__()
                 clock.mark()
             for j, mb in enumerate(batches[i]):
                 sync_ctx = wrapped.no_sync() if env.world_size > 1 and j < len(batches[i]) - 1 else contextlib.nullcontext()
@@ -350,12 +383,13 @@ def measure_torch(point: Point, opts: Options, env, facts: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             if i >= opts.warmup:
                 clock.mark()
+        rss.__exit__()
         durations = clock.durations()
         tokens = env.world_size * point.micro_batch * point.grad_accum * point.seq_len
         from engine import metrics
 
         return _summary(durations, tokens, facts["fpt"], metrics.peak_flops(env.device), env.world_size, env.device,
-                        float(loss.detach()) * len(batches[-1]))
+                        float(loss.detach()) * len(batches[-1]), rss.peak)
     finally:
         del wrapped, model, opt
         _dynamo_reset()
@@ -397,18 +431,20 @@ def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
 
     _reset_memory(env.device)
     steps = opts.warmup + opts.steps
-    clock = StepClock(env.device)
+    clock, rss = StepClock(env.device), RssPeak()
 
     class Timing(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == opts.warmup:
                 _sync(env.device)
+                rss.__enter__()
             if state.global_step >= opts.warmup:
                 clock.mark()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == steps:
                 clock.mark()
+                rss.__exit__()
 
     precision = facts["precision"]
     cuda = env.device.type == "cuda"
@@ -435,7 +471,7 @@ def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
         from engine import metrics
 
         return _summary(durations, tokens, facts["fpt"], metrics.peak_flops(env.device), env.world_size, env.device,
-                        float(out.training_loss))
+                        float(out.training_loss), rss.peak)
     finally:
         with contextlib.suppress(Exception):
             trainer.accelerator.free_memory()
@@ -528,6 +564,8 @@ def run_grid(points: list[Point], opts: Options) -> dict:
     if opts.profile:  # every rank steps (collectives); rank 0 writes
         report["profile"] = profile_best(report, opts, env, corpus, tok_dir)
     if env.is_main:
+        with contextlib.suppress(OSError):
+            (opts.out / "_runs").rmdir()  # empty by now: every measurement removed its own
         write_outputs(report, opts.out)
     dist.shutdown()
     return report
@@ -552,7 +590,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(report: dict, markdown: bool = False) -> str:
-    head = ["point", "impl", "tokens/s", "MFU", "step ms", "peak GPU MiB", "RSS MiB", "ours / impl"]
+    head = ["point", "impl", "tokens/s", "MFU", "step ms", "peak GPU MiB", "peak RSS MiB", "ours / impl"]
     rows = []
     for row in report["points"]:
         for impl in IMPLS:
@@ -564,7 +602,8 @@ def table(report: dict, markdown: bool = False) -> str:
             ratio = row.get("ratio", {}).get(impl)
             rows.append([row["label"], impl, _fmt(r["tokens_per_s"], ",.0f"),
                          _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
-                         _fmt(r["step_time_ms"], ".1f"), _fmt(r["peak_gpu_mib"], ",.0f"), _fmt(r["rss_mib"], ",.0f"),
+                         _fmt(r["step_time_ms"], ".1f"), _fmt(r["peak_gpu_mib"], ",.0f"),
+                         _fmt(r.get("rss_peak_mib") or r["rss_mib"], ",.0f"),
                          "1.00" if impl == "ours" else _fmt(ratio, ".2f")])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -46,11 +46,18 @@ from engine import losses
 CHUNK_ELEMENTS = 1 << 26
 
 
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """train.precision with `auto` decided: bf16 on a CUDA device that supports it, else fp32.
+    Without a device (config validation, before any process group) the default CUDA device decides."""
+    if precision != "auto":
+        return precision
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def configure(cfg, device: torch.device) -> None:
     """Process-wide switches, set once before the model is built; resolves train.precision=auto."""
-    if cfg.train.precision == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        cfg.train.precision = "bf16" if bf16_ok else "fp32"
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         mode = "tf32" if cfg.perf.tf32 else "ieee"
         matmul = torch.backends.cuda.matmul
