@@ -60,3 +60,21 @@ def test_bench_reports_mfu_on_gpu(tmp_path):
     for impl, r in report["points"][0]["results"].items():
         assert r["peak_gpu_mib"] > 0, impl
         assert r["mfu"] is None or 0 < r["mfu"] < 1, impl  # None only on a GPU missing from the peak table
+
+
+def test_inductor_compile_matches_eager_on_gpu(tmp_path):
+    """model.compile=true with inductor (Triton kernels) against eager, bf16, a few steps."""
+    from tests.conftest import train_losses
+    from engine.trainer import Trainer
+
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        trainer = Trainer(tiny_config(run, **{"model.compile": str(compiled).lower(), "data.tokenizer_vocab": 500,
+                                             "train.max_steps": 4, "train.sample_tokens": 0}), progress=False)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        losses[compiled] = train_losses(run)
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)  # bf16: kernels round differently
