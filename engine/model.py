@@ -150,6 +150,8 @@ class TrainModule(nn.Module):
         self.head = head
         if head == "lm" and not isinstance(hf_model.lm_head, fastpath.LMHead):
             fastpath.install_lm_head(hf_model, perf)
+        if perf.fused_gelu:
+            fastpath.fuse_gelu(hf_model)
         self.causal_body = head == "lm" and packed and fastpath.can_use_causal_body(hf_model, perf)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,

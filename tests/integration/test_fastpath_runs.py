@@ -13,7 +13,7 @@ from tests.conftest import check, run_ftl, tiny_config, tiny_overrides, torchrun
 VOCAB = 500  # not a multiple of 64: the engine pads it to 512
 FAST = {"data.tokenizer_vocab": VOCAB, "perf.ce_chunk_tokens": 40, "train.max_steps": 3, "train.sample_tokens": 0,
         "train.micro_batch": 4, "optim.lr": 3e-3, "optim.eps": 1e-6}
-PLAIN = {"perf.pad_vocab_to": 1, "perf.chunked_ce": "false", "perf.causal_body": "false"}
+PLAIN = {"perf.pad_vocab_to": 1, "perf.chunked_ce": "false", "perf.causal_body": "false", "perf.fused_gelu": "false"}
 
 
 def run_in_process(run_dir: Path, **extra) -> Path:

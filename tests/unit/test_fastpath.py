@@ -169,3 +169,24 @@ def test_unpacked_data_takes_one_path_for_every_batch(tokenizer):
     assert len(calls) == 2
     packed = model_lib.TrainModule(build(tokenizer), "lm", packed=True)
     assert packed.causal_body
+
+
+def test_fused_gelu_is_gpt2s_gelu_in_one_kernel(tokenizer):
+    from transformers.activations import NewGELUActivation
+
+    x = torch.randn(64, 256, requires_grad=True)
+    ref = NewGELUActivation()(x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    got = fastpath.TanhGELU()(x)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    assert torch.allclose(got, ref, atol=1e-6) and torch.allclose(g_got, g_ref, atol=1e-6)
+
+    hf = build(tokenizer)
+    plain = copy.deepcopy(hf)
+    module = model_lib.TrainModule(hf, "lm", PerfConfig(pad_vocab_to=1), packed=True)
+    assert [type(b.mlp.act) for b in hf.transformer.h] == [fastpath.TanhGELU] * 2
+    assert hf.state_dict().keys() == plain.state_dict().keys()  # nothing to export differently
+    ids = torch.randint(0, len(tokenizer), (2, 11))
+    assert torch.allclose(module.logits(ids), plain(input_ids=ids).logits, atol=1e-5)
+    untouched = model_lib.TrainModule(build(tokenizer), "lm", PerfConfig(fused_gelu=False))
+    assert type(untouched.hf.transformer.h[0].mlp.act) is NewGELUActivation
