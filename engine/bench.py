@@ -526,6 +526,8 @@ def run_grid(points: list[Point], opts: Options) -> dict:
     from engine import dist
 
     env = dist.init("auto")
+    if any(p.backend != "ddp" for p in points):
+        _process_group_of_one(env)
     opts.out.mkdir(parents=True, exist_ok=True)
     cache = opts.out / "_data"
     if env.is_main:
@@ -581,6 +583,20 @@ def run_grid(points: list[Point], opts: Options) -> dict:
     return report
 
 
+def _process_group_of_one(env) -> None:
+    """DeepSpeed needs a process group even in one process, and keeps its own groups cached across
+    engines; a group that outlives every measurement of the grid (instead of one made and destroyed by
+    each DeepSpeed engine) keeps the second ZeRO row from meeting the first one's dead group."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    cuda = env.device.type == "cuda"
+    torch_dist.init_process_group("nccl" if cuda else "gloo", store=torch_dist.HashStore(), rank=0, world_size=1,
+                                  device_id=env.device if cuda else None)
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
@@ -601,13 +617,14 @@ def _fmt(v, spec: str) -> str:
 
 def table(report: dict, markdown: bool = False) -> str:
     head = ["point", "impl", "tokens/s", "MFU", "step ms", "peak GPU MiB", "peak RSS MiB", "ours / impl"]
-    rows = []
+    rows, notes = [], []
     for row in report["points"]:
         for impl in IMPLS:
             r = row["results"].get(impl)
             if r is None:
                 if impl in row["skipped"]:
-                    rows.append([row["label"], impl, "skipped: " + row["skipped"][impl], "", "", "", "", ""])
+                    notes.append(f"{row['label']} / {impl} skipped: {row['skipped'][impl]}")
+                    rows.append([row["label"], impl, f"skipped ({len(notes)})", "", "", "", "", ""])
                 continue
             ratio = row.get("ratio", {}).get(impl)
             rows.append([row["label"], impl, _fmt(r["tokens_per_s"], ",.0f"),
@@ -615,13 +632,14 @@ def table(report: dict, markdown: bool = False) -> str:
                          _fmt(r["step_time_ms"], ".1f"), _fmt(r["peak_gpu_mib"], ",.0f"),
                          _fmt(r.get("rss_peak_mib") or r["rss_mib"], ",.0f"),
                          "1.00" if impl == "ours" else _fmt(ratio, ".2f")])
+    notes = [f"({i}) {n}" for i, n in enumerate(notes, 1)]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-        return "\n".join(lines)
+        return "\n".join(lines + ([""] + notes if notes else []))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     fmt = lambda r: "  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows), *notes])
 
 
 def plot(report: dict, path: Path) -> None:
