@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from engine import checkpoint, data, dist, fastpath, model as model_lib
-from engine.config import DataConfig
+from engine.config import DataConfig, PerfConfig
 from engine.errors import UsageError
 
 
@@ -211,11 +211,13 @@ def export_checkpoint_checked(path: Path, out: Path) -> dict:
     head = head_of(out)
     hf_config = AutoConfig.from_pretrained(ckpt / "config.json")
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    module = model_lib.TrainModule(auto.from_config(hf_config), head).eval()
+    # the real vocabulary: whatever padding (perf.pad_vocab_to) the checkpoint was trained with is cut off
+    module = model_lib.TrainModule(auto.from_config(hf_config), head, perf=PerfConfig(pad_vocab_to=1)).eval()
     weights = full_state_from_checkpoint(ckpt)
     if head == "lm":  # the tied embedding is saved under one of its two names
         tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
-        weights = {**weights, "lm_head.weight": tied, "transformer.wte.weight": tied}
+        weights = fastpath.unpad_state_dict({**weights, "lm_head.weight": tied, "transformer.wte.weight": tied},
+                                            hf_config.vocab_size)
     missing = module.hf.load_state_dict(weights, strict=False).missing_keys
     if missing:
         raise deploy.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
