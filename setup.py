@@ -26,7 +26,10 @@ setup(
         "onnx>=1.16",
         "onnxscript>=0.3",
         "onnxruntime>=1.18",
-        "matplotlib>=3.7",  # ftl explain's PNGs
+        "matplotlib>=3.7",  # ftl explain's PNGs, ftl bench's plot
+        # `ftl bench`: the Hugging Face Trainer baseline needs accelerate; host RSS, psutil
+        "accelerate>=0.26",
+        "psutil>=5.9",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-timeout>=2.3"],

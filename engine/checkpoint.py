@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import dist
+from engine import dist, fastpath
 
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
@@ -155,6 +155,8 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
         cfg.label2id = {n: i for i, n in enumerate(label_names)}
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
     state_dict = dict(state_dict)
+    if head == "lm":  # the engine pads the vocabulary (perf.pad_vocab_to); exports keep the real size
+        state_dict = fastpath.unpad_state_dict(state_dict, cfg.vocab_size)
     # Tied weights are stored under one name only (safetensors refuses shared storage): restore both.
     for a, b in (("lm_head.weight", "transformer.wte.weight"),):
         if head == "lm" and (a in state_dict) != (b in state_dict):

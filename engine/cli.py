@@ -392,6 +392,102 @@ def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet):
         server.server_close()
 
 
+# ------------------------------------------------------------------------------------------ bench
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return [kind(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+    return parse
+
+
+def _invocation() -> str:
+    """How this process was started, for the benchmark report (`ftl bench ...` or `python script ...`)."""
+    argv = sys.argv
+    if "bench" in argv:
+        return " ".join(["ftl", *argv[argv.index("bench"):]])
+    return " ".join(["python", *argv])
+
+
+def _on_off(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise ValueError(v)
+    return v == "on"
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="CPU smoke grid: gpt2-tiny, seq 32, a few steps (seconds).")
+@click.option("--preset", "presets", callback=_csv(str), default=None, help="Model presets, e.g. gpt2,gpt2-xl.")
+@click.option("--backend", "backends", callback=_csv(str), default=None,
+              help="ddp, zero0..zero3, zero2-offload, zero3-offload (comma-separated).")
+@click.option("--micro-batch", "micro_batches", callback=_csv(int), default=None, help="Micro-batch sizes, e.g. 8,16.")
+@click.option("--seq-len", "seq_lens", callback=_csv(int), default=None, help="Sequence lengths, e.g. 1024.")
+@click.option("--compile", "compiles", callback=_csv(_on_off), default=None, help="off,on (both: compare).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimizer step.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Timed optimizer steps per point.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed steps first (compilation).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@click.option("--baselines", default="torch,hf", show_default=True,
+              help="Comma-separated: torch (plain loop), hf (transformers Trainer); 'none' for ours only.")
+@click.option("--ablate", is_flag=True, default=None, help="Also time the engine with every fast-path switch off.")
+@click.option("--vocab", type=click.IntRange(min=16), default=None, help="Vocabulary size of the random tokens.")
+@click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Activation checkpointing (auto: on for gpt2-large/xl).")
+@click.option("--out", type=click.Path(file_okay=False), default="benchmarks/out", show_default=True,
+              help="Directory for throughput.json / .md / .png.")
+@click.option("--profile", is_flag=True, help="Also torch.profiler the fastest point (profile.txt + trace).")
+@click.option("--memory-table", is_flag=True, help="Print the analytic model-state memory table and exit.")
+@click.option("--find-max-micro-batch", is_flag=True, help="CUDA: largest micro-batch per preset/backend, then exit.")
+@click.option("--world", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks, for --memory-table.")
+@click.option("--gpu-gib", type=float, default=80.0, show_default=True, help="GPU memory, for --memory-table.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Engine config override for 'ours'.")
+def bench(quick, presets, backends, micro_batches, seq_lens, compiles, grad_accum, steps, warmup, precision, baselines,
+          ablate, vocab, checkpointing, out, profile, memory_table, find_max_micro_batch, world, gpu_gib, overrides):
+    """Throughput grid: the engine vs a plain PyTorch loop vs Hugging Face Trainer, side by side.
+
+    Prints a table (tokens/s, MFU, step time, peak GPU memory, host RSS, ratio ours/baseline) and writes
+    OUT/throughput.json, .md and .png. Run it under torchrun for several GPUs. See benchmarks/RESULTS.md.
+    """
+    _quiet_libraries()
+    from engine import bench as bench_lib
+    from engine.model import PRESETS
+
+    q = bench_lib.QUICK if quick else {}
+    presets = presets or q.get("presets") or ["gpt2"]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise UsageError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    if memory_table:
+        click.echo(bench_lib.memory_table(presets, world, gpu_gib))
+        return
+    backends = backends or q.get("backends") or ["ddp"]
+    for b in backends:
+        bench_lib.parse_backend(b)
+    base = [] if baselines.strip() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
+    bad = [b for b in base if b not in ("torch", "hf")]
+    if bad:
+        raise UsageError(f"--baselines: unknown {', '.join(bad)}; use torch, hf or none")
+    opts = bench_lib.Options(
+        steps=steps or q.get("steps", 10), warmup=q.get("warmup", 3) if warmup is None else warmup,
+        precision=precision, baselines=tuple(base), ablate=bool(ablate if ablate is not None else q.get("ablate", False)),
+        vocab=vocab or q.get("vocab", 50257), out=Path(out), overrides=tuple(overrides),
+        gradient_checkpointing=checkpointing, profile=profile, command=_invocation(),
+    )
+    seq_lens = seq_lens or q.get("seq_lens") or [1024]
+    if find_max_micro_batch:
+        bench_lib.find_max_micro_batch(presets, backends, seq_lens[0], opts)
+        return
+    points = [bench_lib.Point(p, b, mb, t, c, grad_accum or q.get("grad_accum", 1))
+              for p in presets for b in backends for mb in (micro_batches or q.get("micro_batches") or [8])
+              for t in seq_lens for c in (compiles if compiles is not None else q.get("compiles", [False]))]
+    bench_lib.run_grid(points, opts)
+
+
 # ------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:

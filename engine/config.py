@@ -136,7 +136,8 @@ class TrainConfig:
     log_every: int = opt(10, "Write metrics every N steps.")
     eval_every: int = opt(100, "Evaluate every N steps (0: only before and after training).")
     eval_batches: int = opt(0, "Cap on eval micro-batches per rank (0: the whole validation split).")
-    precision: str = opt("fp32", "fp32, or bf16/fp16 autocast (fp16 adds dynamic loss scaling).", ("fp32", "bf16", "fp16"))
+    precision: str = opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32, or bf16/fp16 autocast "
+                         "(fp16 adds dynamic loss scaling).", ("auto", "fp32", "bf16", "fp16"))
     clip_grad: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     device: str = opt("auto", "auto (cuda when available), cuda, or cpu.", ("auto", "cuda", "cpu"))
     sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head; 0 disables).")
@@ -162,6 +163,7 @@ class OptimConfig:
     schedule: str = opt("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
     warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
+    fused: bool = opt(True, "Fused AdamW on CUDA (one kernel for all parameters; foreach elsewhere).")
 
     def problems(self, cfg: "Config") -> list[str]:
         p = (positive("optim.lr", self.lr) + positive("optim.weight_decay", self.weight_decay, True)
@@ -209,6 +211,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Fast-path switches (engine/fastpath.py); the defaults are the fast path."""
+
+    pad_vocab_to: int = opt(64, "lm head: pad the tied embedding/LM head to a multiple of this many rows (padded "
+                                "logits are masked; exports keep the real vocabulary). 1 disables.")
+    chunked_ce: bool = opt(True, "lm head: compute the output layer and the loss in chunks of tokens, never "
+                                 "materializing the [tokens x vocab] fp32 logits.")
+    ce_chunk_tokens: int = opt(0, "Tokens per chunk of the chunked loss; 0: auto (chunk logits <= 256 MiB).")
+    causal_body: bool = opt(True, "lm head, sdpa, unpadded batches: call the GPT-2 blocks directly with causal SDPA "
+                                  "(flash on GPU), skipping transformers' per-forward mask checks (host syncs).")
+    fused_gelu: bool = opt(True, "Compute GPT-2's gelu_new (tanh GELU) in one kernel (F.gelu approximate=tanh) "
+                                 "instead of transformers' 8 elementwise operations.")
+    tf32: bool = opt(True, "CUDA: TF32 tensor-core matmuls for fp32 (train.precision=fp32).")
+    compile_mode: str = opt("default", "torch.compile mode when model.compile=true.",
+                            ("default", "max-autotune-no-cudagraphs", "max-autotune"))
+    compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager/eager for debugging).",
+                               ("inductor", "aot_eager", "eager"))
+
+    def problems(self, cfg: "Config") -> list[str]:
+        return positive("perf.pad_vocab_to", self.pad_vocab_to) + positive("perf.ce_chunk_tokens", self.ce_chunk_tokens, True)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -217,6 +242,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     @property
     def run_dir(self) -> Path:

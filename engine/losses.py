@@ -38,3 +38,86 @@ def target_count(batch: dict[str, torch.Tensor], head: str) -> torch.Tensor:
     if "loss_weights" in batch:
         return batch["loss_weights"].sum().to(torch.float32)
     return torch.tensor(float(batch["labels"].numel()), device=batch["labels"].device)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                             chunk_tokens: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """`lm_loss_sum(hidden @ weight.T [..., :vocab_size], labels)` without the [tokens x vocab] logits.
+
+    The tokens are processed `chunk_tokens` rows at a time. For each chunk the forward computes the
+    logits, the loss and, right away, the chunk's gradients with respect to `hidden` and `weight`
+    (softmax minus one-hot): three matmuls per chunk, the same FLOPs as forward + backward of the
+    plain path, and only one chunk of fp32 logits alive at a time. The backward then only scales the
+    stored gradients by the incoming scalar. Rows of `weight` beyond `vocab_size` (vocabulary padding)
+    are masked out of the softmax, so they take no probability mass and receive zero gradient.
+
+    Under autocast the matmuls run in the autocast dtype (as nn.Linear would), the softmax and the
+    loss in fp32, and the weight gradient is accumulated over chunks in fp32.
+    """
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    h2, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    chunk = max(1, int(chunk_tokens))
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropySum.apply(h2, weight, y, vocab_size, chunk, float(label_smoothing), dtype)
+    return _chunked_ce(h2, weight, y, vocab_size, chunk, float(label_smoothing), dtype, False, False)[0]
+
+
+def _chunked_ce(hidden, weight, labels, vocab, chunk, smoothing, dtype, need_h, need_w):
+    """(summed loss, d loss / d hidden or None, d loss / d weight in fp32 or None).
+
+    Per chunk the [rows x vocab] fp32 block is touched as few times as eager PyTorch allows: one exp
+    pass serves both the log-sum-exp and the softmax, and the target mask is folded into the
+    softmax's per-row scale."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            y = labels[start:start + chunk]
+            z = torch.mm(h, w.t()).float()
+            if w.shape[0] > vocab:
+                z[:, vocab:] = float("-inf")  # padding: exp() makes these exactly 0 below
+            valid = (y != IGNORE).float()
+            target = torch.where(y != IGNORE, y, torch.zeros_like(y))
+            z_target = z.gather(1, target[:, None]).squeeze(1)
+            z_mean = z[:, :vocab].mean(dim=1) if smoothing else None
+            z_max = z.amax(dim=1, keepdim=True)
+            e = z.sub_(z_max).exp_()  # in place: z is not needed any more
+            row_sum = e.sum(dim=1, keepdim=True)
+            lse = (z_max + row_sum.log()).squeeze(1)
+            per = lse - z_target
+            if smoothing:
+                per = (1.0 - smoothing) * per + smoothing * (lse - z_mean)
+            total += (per * valid).sum()
+            if not (need_h or need_w):
+                continue
+            g = e.mul_(valid[:, None] / row_sum)  # softmax on target rows, 0 on ignored ones
+            g.scatter_add_(1, target[:, None], ((smoothing - 1.0) * valid)[:, None])
+            if smoothing:
+                g[:, :vocab] -= (smoothing / vocab) * valid[:, None]
+            g = g.to(dtype)
+            if need_h:
+                grad_h[start:start + chunk] = torch.mm(g, w)
+            if need_w:
+                grad_w.add_(torch.mm(g.t(), h))
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab, chunk, smoothing, dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, grad_h, grad_w = _chunked_ce(hidden, weight, labels, vocab, chunk, smoothing, dtype, need_h, need_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None

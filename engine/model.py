@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import losses
-from engine.config import ModelConfig
+from engine import fastpath, losses
+from engine.config import ModelConfig, PerfConfig
 from engine.errors import UsageError
 
 # name -> (n_layer, n_embd, n_head). Positions are GPT-2's 1024 everywhere.
@@ -134,12 +134,25 @@ def max_positions(model_or_config) -> int:
 
 
 class TrainModule(nn.Module):
-    """The unit a backend wraps: batch in, summed loss out (the trainer owns normalization)."""
+    """The unit a backend wraps: batch in, summed loss out (the trainer owns normalization).
 
-    def __init__(self, hf_model: nn.Module, head: str):
+    For the lm head it uses the fast path (engine/fastpath.py): an `LMHead` that returns the (chunked)
+    summed loss from its own forward, over a vocabulary padded to `perf.pad_vocab_to` (installed here
+    unless the trainer already did, inside the backend's construction context), and, when the data is
+    `packed` (every batch full length, never an attention mask), the direct causal body. That choice is
+    made once, not per batch: ZeRO-3 requires every rank to run the same sequence of modules, and
+    unpacked batches carry a mask on one rank and none on another."""
+
+    def __init__(self, hf_model: nn.Module, head: str, perf: PerfConfig | None = None, packed: bool = False):
         super().__init__()
+        perf = perf or PerfConfig()
         self.hf = hf_model
         self.head = head
+        if head == "lm" and not isinstance(hf_model.lm_head, fastpath.LMHead):
+            fastpath.install_lm_head(hf_model, perf)
+        if perf.fused_gelu:
+            fastpath.fuse_gelu(hf_model)
+        self.causal_body = head == "lm" and packed and fastpath.can_use_causal_body(hf_model, perf)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,8 +162,11 @@ class TrainModule(nn.Module):
         trainer normalizes by the global sum of those weights.
         """
         if self.head == "lm":
-            hidden = self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return losses.lm_loss_sum(self.hf.lm_head(hidden), labels)
+            if attention_mask is None and self.causal_body:
+                hidden = fastpath.causal_body(self.hf.transformer, input_ids)
+            else:
+                hidden = self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.hf.lm_head(hidden, labels)  # the loss runs inside lm_head's forward (ZeRO-3: see fastpath)
         logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
         return losses.cls_loss_sum(logits, labels, loss_weights)
 

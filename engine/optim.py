@@ -33,8 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW; fused on CUDA (one kernel for all parameters), foreach elsewhere."""
-    fused = device.type == "cuda"
+    """torch AdamW; fused on CUDA (one kernel for all parameters, optim.fused), foreach elsewhere."""
+    fused = device.type == "cuda" and cfg.fused
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=fused or None, foreach=None if fused else True)
 

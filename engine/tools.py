@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine import checkpoint, data, dist, model as model_lib
-from engine.config import DataConfig
+from engine import checkpoint, data, dist, fastpath, model as model_lib
+from engine.config import DataConfig, PerfConfig
 from engine.errors import UsageError
 
 
@@ -65,7 +65,7 @@ def evaluate_model(path: Path, source: str, split: str, seq_len: int | None, bat
     prepared = data.prepare(raw, tok, dcfg, head, label_names=labels)
     if len(prepared.validation) == 0:
         raise UsageError(f"the {split} split of {source!r} has no sample of {dcfg.seq_len} tokens; lower --seq-len")
-    out = evaluate(model_lib.TrainModule(hf, head), prepared, env, batch_size, max_batches)
+    out = evaluate(model_lib.TrainModule(hf, head, packed=dcfg.pack), prepared, env, batch_size, max_batches)
     return {"model": str(model_dir), "split": split, "samples": len(prepared.validation), **out}
 
 
@@ -177,6 +177,8 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     hf_config = AutoConfig.from_pretrained(path / "config.json")
     tok = data.load_tokenizer(str(path / "tokenizer"))
     weights = full_state_from_checkpoint(path)
+    if head == "lm":  # checkpoints hold the padded vocabulary (perf.pad_vocab_to)
+        weights = fastpath.unpad_state_dict(weights, hf_config.vocab_size)
     labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)] if head == "cls" else None
     checkpoint.export_hf(hf_config, head, weights, tok, out, labels)
     verify_weights(out, weights, head)
@@ -209,11 +211,13 @@ def export_checkpoint_checked(path: Path, out: Path) -> dict:
     head = head_of(out)
     hf_config = AutoConfig.from_pretrained(ckpt / "config.json")
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    module = model_lib.TrainModule(auto.from_config(hf_config), head).eval()
+    # the real vocabulary: whatever padding (perf.pad_vocab_to) the checkpoint was trained with is cut off
+    module = model_lib.TrainModule(auto.from_config(hf_config), head, perf=PerfConfig(pad_vocab_to=1)).eval()
     weights = full_state_from_checkpoint(ckpt)
     if head == "lm":  # the tied embedding is saved under one of its two names
         tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
-        weights = {**weights, "lm_head.weight": tied, "transformer.wte.weight": tied}
+        weights = fastpath.unpad_state_dict({**weights, "lm_head.weight": tied, "transformer.wte.weight": tied},
+                                            hf_config.vocab_size)
     missing = module.hf.load_state_dict(weights, strict=False).missing_keys
     if missing:
         raise deploy.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")

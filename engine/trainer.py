@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import backends, checkpoint, data, dist, losses, memory, metrics, model as model_lib, optim, windows
+from engine import backends, checkpoint, data, dist, fastpath, losses, memory, metrics, model as model_lib, optim, windows
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 
@@ -38,6 +38,7 @@ class Trainer:
         self.env = env or dist.init(cfg.train.device, cfg.dist.timeout_s)
         self.run_dir = cfg.run_dir
         self.log = print if self.env.is_main else (lambda *a, **k: None)
+        fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
 
         # 1. Decide whether to resume (before anything is written) and validate data + model.
@@ -50,12 +51,14 @@ class Trainer:
         seed_everything(cfg.run.seed)
         with self.backend.construct():
             hf = model_lib.build(cfg.model, self.source, self.data.tokenizer, self.data.num_labels)
+            if cfg.model.head == "lm":  # in construct(): ZeRO-3 partitions the padded embedding as it is made
+                fastpath.install_lm_head(hf, cfg.perf)
         if self.data.label_names:
             hf.config.id2label = dict(enumerate(self.data.label_names))
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
         self.hf_config = hf.config
-        self.n_params = model_lib.num_parameters(hf)
-        module = model_lib.TrainModule(hf, cfg.model.head)
+        self.n_params = model_lib.num_parameters(hf) - fastpath.padding_parameters(hf)  # MFU counts the real model
+        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack)
         self.backend.setup(module, optim.param_groups(module, cfg.optim.weight_decay))
         if cfg.model.compile:
             self.backend.compile()

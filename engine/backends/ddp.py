@@ -13,7 +13,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine import optim
+from engine import fastpath, optim
 from engine.backends.base import Backend, tensor_bytes
 
 
@@ -36,7 +36,10 @@ class DDPBackend(Backend):
         self._first_step_grads: int | None = None
 
     def compile(self) -> None:
-        self._wrapped = torch.compile(self._wrapped)
+        # The DDP wrapper itself is compiled: dynamo's DDPOptimizer splits the graph at bucket boundaries
+        # so gradient all-reduces still overlap the backward.
+        backend, kwargs = fastpath.compile_options(self.cfg.perf)
+        self._wrapped = torch.compile(self._wrapped, backend=backend, **kwargs)
 
     @property
     def model(self) -> nn.Module:

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import dist, model as model_lib, optim
+from engine import dist, fastpath, model as model_lib, optim
 from engine.backends import ds_config
 from engine.backends.base import Backend, tensor_bytes
 from engine.errors import UsageError
@@ -211,7 +211,9 @@ class DeepSpeedBackend(Backend):
         return optim.adamw(param_groups, o, state_device)
 
     def compile(self) -> None:
-        self.engine.compile()
+        # Same backend/mode as DDP (perf.compile_backend/compile_mode), so runs compare across backends.
+        backend, kwargs = fastpath.compile_options(self.cfg.perf)
+        self.engine.compile(backend=backend, compile_kwargs=kwargs)
 
     # --- the step -----------------------------------------------------------------------------------------
     @property

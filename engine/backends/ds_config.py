@@ -32,6 +32,10 @@ import copy
 import json
 from pathlib import Path
 
+import torch
+
+from engine import fastpath
+
 AUTO = "auto"
 _MISSING = object()
 
@@ -163,8 +167,10 @@ def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved
             problems.append(f"{label}: train_batch_size={_show(tbs)} contradicts train.micro_batch x train.grad_accum "
                             f"= {per_rank} for every world size (it must be a multiple); set it to \"auto\"")
     own("gradient_clipping", t.clip_grad, "train.clip_grad")
-    own("bf16.enabled", t.precision == "bf16", "train.precision", shown=t.precision)
-    own("fp16.enabled", t.precision == "fp16", "train.precision", shown=t.precision)
+    # train.precision=auto decides here as it will at run time (bf16 on a capable GPU, else fp32).
+    precision = fastpath.resolve_precision(t.precision, torch.device("cpu") if t.device == "cpu" else None)
+    own("bf16.enabled", precision == "bf16", "train.precision", shown=precision)
+    own("fp16.enabled", precision == "fp16", "train.precision", shown=precision)
 
     stage = _stage(ds, d, label, problems)
     offload = _offload(ds, d, stage, label, problems)

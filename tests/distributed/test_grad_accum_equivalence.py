@@ -21,7 +21,9 @@ def ga_overrides(corpus: Path, run_dir: Path, micro: int, accum: int) -> dict:
     return dict(
         **{"data.source": str(corpus), "data.pack": "false", "data.seq_len": 48, "data.val_fraction": 0.1,
            "train.micro_batch": micro, "train.grad_accum": accum, "train.max_steps": 4, "train.sample_tokens": 0,
-           "optim.lr": 3e-3, "optim.eps": 1e-6, "train.clip_grad": 0.5},
+           "optim.lr": 3e-3, "optim.eps": 1e-6, "train.clip_grad": 0.5,
+           # the fast path on, and doing work: vocabulary 500 padded to 512, the loss in chunks of 40 tokens
+           "data.tokenizer_vocab": 500, "perf.ce_chunk_tokens": 40},
     )
 
 

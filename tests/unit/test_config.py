@@ -38,7 +38,7 @@ def test_json_config_file(tmp_path):
         (["train.micro_batch=0"], "train.micro_batch must be positive (got 0)"),
         (["optim.lr=-1"], "optim.lr must be positive (got -1.0)"),
         (["data.seq_len=0"], "data.seq_len must be positive"),
-        (["train.precision=fp8"], "train.precision must be one of fp32, bf16, fp16 (got 'fp8')"),
+        (["train.precision=fp8"], "train.precision must be one of auto, fp32, bf16, fp16 (got 'fp8')"),
         (["model.head=regression"], "model.head must be one of lm, cls"),
         (["dist.zero_stage=5", "dist.backend=deepspeed"], "dist.zero_stage must be 0, 1, 2 or 3 (got 5)"),
         (["dist.zero_stage=2"], "need dist.backend=deepspeed"),

@@ -1,0 +1,193 @@
+"""The fast path: what the training forward does differently from stock transformers, and why.
+
+Every piece is switchable from the `perf` config section (and `train.precision`, `model.compile`,
+`model.gradient_checkpointing`, `optim.fused`); README "Performance" lists them with their defaults.
+
+1. Padded vocabulary. The tied embedding / LM head is padded to a multiple of `perf.pad_vocab_to`
+   rows (GPT-2's 50257 -> 50304), so the largest matmul of the model has tensor-core friendly shapes.
+   The padded logits are masked to -inf before the softmax (they take no probability mass and get
+   no gradient), `logits()` returns only the real vocabulary, the model config keeps the real
+   `vocab_size`, and every export slices the padding off (`unpad_state_dict`).
+
+2. `LMHead`: the output layer as a module whose forward takes the labels and returns the summed
+   loss, computed by `losses.linear_cross_entropy_sum` in chunks of tokens without materializing the
+   [tokens x vocab] fp32 logits. The weight is read inside the head's OWN forward on purpose:
+   DeepSpeed ZeRO-3 gathers a partitioned parameter for the forward of the module that owns it. Read
+   anywhere else it is an empty shard, unless DeepSpeed's getter hook notices the read inside some
+   other module's eager forward and registers it as that module's "external parameter" (0.19.8 does;
+   the hook is skipped while torch.compile traces, and outside every forward the shard stays empty).
+   Here ZeRO-3 gathers the tied weight for the head's forward like for any nn.Linear and releases it
+   after, no backend has to `register_external_parameter`, and no backend has to know about the
+   chunked loss (tests/distributed/test_zero3_lm_head.py runs it under real ZeRO-3).
+
+3. Causal body. For packed LM data (every batch full length, no attention_mask) the GPT-2 blocks are
+   called directly with no mask, so SDPA runs with is_causal=True (the flash kernel on GPU).
+   transformers' own GPT2Model.forward would, on every forward, read device values back twice
+   (`warn_if_padding_and_no_attention_mask` checks the pad id in input_ids; the packed-sequence
+   detection calls `.all()` on the position ids): two host-device syncs per micro-batch. The blocks,
+   their weights and HF's per-block activation checkpointing are the stock modules; only the
+   dispatch around them is skipped. Unpacked data goes through transformers' forward, which builds
+   the padding mask, for every batch: the path is chosen per run, not per batch, because ZeRO-3
+   needs the same module sequence on every rank.
+
+4. Fused GELU. GPT-2's activation ("gelu_new", transformers' NewGELUActivation) is the tanh
+   approximation written as 8 elementwise operations, 8 kernels forward and more backward in eager
+   mode. `F.gelu(approximate="tanh")` is the same function in one kernel (measured on CPU: 5x faster
+   forward + backward, max difference 2.4e-7 in fp32). Exports are unaffected (no weights change, the
+   config still says gelu_new); compiled runs fuse either.
+
+5. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
+   GPU that supports it (fp32 elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import losses
+
+# logits chunk budget for perf.ce_chunk_tokens=0: rows x padded vocab <= this many fp32 values (256 MiB)
+CHUNK_ELEMENTS = 1 << 26
+
+
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """train.precision with `auto` decided: bf16 on a CUDA device that supports it, else fp32.
+    Without a device (config validation, before any process group) the default CUDA device decides."""
+    if precision != "auto":
+        return precision
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def configure(cfg, device: torch.device) -> None:
+    """Process-wide switches, set once before the model is built; resolves train.precision=auto."""
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    if device.type == "cuda":
+        mode = "tf32" if cfg.perf.tf32 else "ieee"
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+            matmul.fp32_precision = mode
+            torch.backends.cudnn.conv.fp32_precision = mode
+        else:
+            matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.perf.tf32
+
+
+def compile_options(perf) -> tuple[str, dict]:
+    """(backend, torch.compile keyword arguments) for model.compile=true, shared by every backend."""
+    return perf.compile_backend, ({} if perf.compile_mode == "default" else {"mode": perf.compile_mode})
+
+
+def padded_size(vocab: int, multiple: int) -> int:
+    return -(-vocab // multiple) * multiple if multiple > 1 else vocab
+
+
+class LMHead(nn.Module):
+    """Replaces GPT2LMHeadModel.lm_head (same `weight`, the tied, possibly padded embedding).
+
+    `head(hidden)` -> logits over the real vocabulary (what transformers' forward and generation call);
+    `head(hidden, labels)` -> summed cross-entropy over the targets (labels already shifted, IGNORE
+    where nothing is predicted), chunked or plain as configured.
+    """
+
+    def __init__(self, weight: nn.Parameter, vocab_size: int, chunked: bool = True, chunk_tokens: int = 0):
+        super().__init__()
+        self.weight = weight
+        self.vocab_size = vocab_size
+        self.chunked = chunked
+        self.chunk_tokens = chunk_tokens
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def chunk_rows(self) -> int:
+        return self.chunk_tokens or max(1, CHUNK_ELEMENTS // max(1, self.weight.shape[0]))
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+        if labels is None:
+            return F.linear(hidden, self.weight)[..., : self.vocab_size]
+        if self.chunked:
+            return losses.linear_cross_entropy_sum(hidden, self.weight, labels, self.vocab_size, self.chunk_rows(),
+                                                   label_smoothing)
+        logits = F.linear(hidden, self.weight)[..., : self.vocab_size]  # slicing drops padded columns
+        if label_smoothing:
+            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=losses.IGNORE,
+                                   reduction="sum", label_smoothing=label_smoothing)
+        return losses.lm_loss_sum(logits, labels)
+
+    def extra_repr(self) -> str:
+        return (f"vocab={self.vocab_size}, padded={self.weight.shape[0]}, chunked={self.chunked}, "
+                f"chunk_tokens={self.chunk_tokens or 'auto'}")
+
+
+def install_lm_head(hf_model: nn.Module, perf) -> None:
+    """Pad the tied embedding to `perf.pad_vocab_to` rows and put an `LMHead` in place of lm_head.
+
+    Uses transformers' own resize (which gathers under ZeRO-3 and re-ties), then restores the real
+    vocabulary size in the config: exports, generation and the logit check all see the real one."""
+    real = hf_model.get_input_embeddings().num_embeddings
+    if padded_size(real, perf.pad_vocab_to) != real:
+        hf_model.resize_token_embeddings(real, pad_to_multiple_of=perf.pad_vocab_to, mean_resizing=False)
+    hf_model.config.get_text_config().vocab_size = real
+    hf_model.vocab_size = real
+    hf_model.lm_head = LMHead(hf_model.get_output_embeddings().weight, real, perf.chunked_ce, perf.ce_chunk_tokens)
+
+
+def padding_parameters(hf_model: nn.Module) -> int:
+    """Parameters that exist only because of vocabulary padding (left out of N in the MFU formula)."""
+    head = getattr(hf_model, "lm_head", None)
+    if not isinstance(head, LMHead):
+        return 0
+    rows, dim = head.weight.ds_shape if hasattr(head.weight, "ds_shape") else head.weight.shape
+    return (rows - head.vocab_size) * dim
+
+
+def unpad_state_dict(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """The exported weights: vocabulary-sized tensors cut back to the real `vocab_size` rows."""
+    out = dict(state)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        t = out.get(name)
+        if t is not None and t.ndim == 2 and t.shape[0] > vocab_size:
+            out[name] = t[:vocab_size].clone()
+    return out
+
+
+class TanhGELU(nn.Module):
+    """GPT-2's "gelu_new" in one kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Swap every transformers NewGELUActivation for `TanhGELU`; returns how many were swapped."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, TanhGELU())
+                swapped += 1
+    return swapped
+
+
+def causal_body(transformer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """GPT2Model's forward for unpadded causal batches, without its mask building (see point 3 above).
+
+    Same modules in the same order: token + position embedding, dropout, blocks (each checkpointed
+    by transformers when gradient checkpointing is on), final LayerNorm."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    hidden = transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
+    for block in transformer.h:
+        hidden = block(hidden)
+    return transformer.ln_f(hidden)
+
+
+def can_use_causal_body(hf_model: nn.Module, perf) -> bool:
+    cfg = hf_model.config
+    return (perf.causal_body and cfg._attn_implementation == "sdpa" and not cfg.add_cross_attention
+            and hasattr(hf_model, "transformer"))
