@@ -27,9 +27,11 @@ setup(
         "onnxscript>=0.3",
         "onnxruntime>=1.18",
         "matplotlib>=3.7",  # ftl explain's PNGs
+        "pillow>=9.0",  # TensorBoard images (the confusion matrix)
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13"],
+        "lora": ["peft>=0.13"],  # model.lora_rank
     },
     entry_points={"console_scripts": ["ftl=engine.cli:main"]},
 )
