@@ -40,9 +40,14 @@ def grow_embeddings(model: nn.Module, size: int) -> None:
 
     A mean row keeps a new token's logit near the average one (random rows can dominate the softmax and
     derail the first steps of fine-tuning). transformers re-ties an LM head to the resized embedding."""
-    old = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    old = getattr(weight, "ds_shape", weight.shape)[0]
     if size <= old:
         return
+    if hasattr(weight, "ds_id"):
+        raise UsageError("data.add_tokens cannot grow a pretrained model's embedding under ZeRO-3 (its rows are "
+                         "partitioned as it is built): add the tokens in a run with dist.zero_stage <= 2, then "
+                         "fine-tune that export with ZeRO-3")
     model.resize_token_embeddings(size, mean_resizing=False)
     weight = model.get_input_embeddings().weight
     weight[old:] = weight[:old].mean(0, keepdim=True).to(weight.dtype)
