@@ -27,12 +27,14 @@ setup(
         "onnxscript>=0.3",
         "onnxruntime>=1.18",
         "matplotlib>=3.7",  # ftl explain's PNGs, ftl bench's plot
+        "pillow>=9.0",  # TensorBoard images (the confusion matrix)
         # `ftl bench`: the Hugging Face Trainer baseline needs accelerate; host RSS, psutil
         "accelerate>=0.26",
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13"],
+        "lora": ["peft>=0.13"],  # model.lora_rank
     },
     entry_points={"console_scripts": ["ftl=engine.cli:main"]},
 )

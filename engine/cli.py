@@ -118,19 +118,27 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
 @click.option("--text-column", default=None, help="Text column (default: the run's, else 'text').")
 @click.option("--label-column", default=None, help="Label column for classification models.")
 @click.option("--max-batches", type=click.IntRange(min=0), default=0, help="Stop after N batches (0: all).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_column, max_batches, as_json):
-    """Evaluate an exported model (a run's final/ or the run directory itself) on a dataset."""
-    _quiet_libraries()
-    from engine import tools
+@click.option("--stride", type=click.IntRange(min=0), default=None,
+              help="LM: also score whole documents with sliding windows of --seq-len tokens this far apart "
+                   "(default: the run's eval.stride; 0: off).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics (and per-class scores, confusion matrix) as JSON.")
+def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_column, max_batches, stride, as_json):
+    """Evaluate an exported model (a run's final/ or best/, or the run directory itself) on a dataset.
 
-    result = tools.evaluate_model(Path(model), source, split, seq_len, batch_size, text_column, label_column,
-                                  max_batches)
+    Classification models get a report with accuracy, macro/micro/weighted F1, a per-class table of
+    precision, recall, F1 and support, and the confusion matrix; language models their loss and perplexity.
+    """
+    _quiet_libraries()
+    from engine import evaluation, tools
+
+    header, report = tools.evaluate_model_report(Path(model), source, split, seq_len, batch_size, text_column,
+                                                 label_column, max_batches, stride)
     if as_json:
-        click.echo(json.dumps(result))
+        out = {**header, **report.to_json()}
+        out.pop("head")
+        click.echo(json.dumps(out))
     else:
-        for k, v in result.items():
-            click.echo(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+        click.echo(evaluation.render_text(report, header))
 
 
 # --------------------------------------------------------------------------------------- generate
@@ -486,6 +494,35 @@ def bench(quick, presets, backends, micro_batches, seq_lens, compiles, grad_accu
               for p in presets for b in backends for mb in (micro_batches or q.get("micro_batches") or [8])
               for t in seq_lens for c in (compiles if compiles is not None else q.get("compiles", [False]))]
     bench_lib.run_grid(points, opts)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+@cli.group()
+def data():
+    """Inspect training data as the engine sees it."""
+
+
+@data.command("stats")
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--split", type=click.Choice(["train", "validation"]), default="train", show_default=True)
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="How many rare tokens to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def data_stats(config_file, overrides, split, top, as_json):
+    """Tokens per byte, document lengths, the rarest tokens and the label distribution of a run's data.
+
+    Uses the tokenizer training would use (data.tokenizer, the model's own, or the BPE it would train)
+    with data.add_tokens added, e.g. `ftl data stats --set data.source=builtin:stdlib_packages --set model.head=cls`.
+    """
+    from engine.config import load_config
+
+    cfg = load_config(config_file, overrides)
+    _quiet_libraries()
+    from engine import datastats
+
+    result = datastats.stats(cfg, split, top)
+    click.echo(json.dumps(result) if as_json else datastats.render(result))
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -55,6 +55,9 @@ class RunConfig:
     seed: int = opt(1234, "Seed for model init, data order and dropout; every rank derives its own streams from it.")
 
 
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
 @dataclass
 class ModelConfig:
     name: str = opt(
@@ -79,6 +82,24 @@ class ModelConfig:
     position_init: str = opt("copy", "How positions beyond a pretrained model's are initialized: copy (tile the learned "
                                       "table; the first positions stay exactly as trained) or interpolate (stretch the "
                                       "table linearly over the new length).", ("copy", "interpolate"))
+    embd_dropout: float | None = opt(None, "Dropout on the embeddings' output; empty (null): model.dropout.")
+    attn_dropout: float | None = opt(None, "Dropout on the attention probabilities; empty (null): model.dropout.")
+    resid_dropout: float | None = opt(None, "Dropout on each block's attention and MLP outputs; empty (null): model.dropout.")
+    freeze: list[str] = opt(
+        [],
+        "Parameters kept fixed (no gradient, no optimizer state), any of: embeddings (token + position embeddings; "
+        "with head=lm also the tied output layer), blocks:N (the first N transformer blocks), body (everything but "
+        "the classifier: a linear probe, head=cls).",
+    )
+    lora_rank: int = opt(0, "LoRA adapter rank r (needs peft); 0: off. The base weights are frozen and only the "
+                            "adapters train (and, head=cls, the classifier); final/ has them merged in.")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA adapters' input.")
+    lora_targets: list[str] = opt(
+        ["c_attn", "c_proj", "c_fc"],
+        "GPT-2 modules that get adapters: c_attn (fused query/key/value), c_proj (attention and MLP output "
+        "projections), c_fc (MLP input projection).",
+    )
 
     def problems(self, cfg: "Config") -> list[str]:
         p = within("model.dropout", self.dropout, 0.0, 1.0, hi_open=True) + positive("model.num_labels", self.num_labels, True)
@@ -88,7 +109,36 @@ class ModelConfig:
         if self.max_positions and cfg.data.seq_len > self.max_positions:
             p.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_positions={self.max_positions}; "
                      f"raise model.max_positions or lower data.seq_len")
+        for key in ("embd_dropout", "attn_dropout", "resid_dropout"):
+            if getattr(self, key) is not None:
+                p += within(f"model.{key}", getattr(self, key), 0.0, 1.0, hi_open=True)
+        p += self.freeze_spec()[2]
+        if "body" in self.freeze and self.head != "cls":
+            p.append("model.freeze=body needs model.head=cls (with head=lm nothing would be left to train)")
+        p += positive("model.lora_rank", self.lora_rank, True) + within("model.lora_dropout", self.lora_dropout, 0.0, 1.0, True)
+        if self.lora_rank:
+            p += positive("model.lora_alpha", self.lora_alpha)
+            unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+            if unknown or not self.lora_targets:
+                p.append(f"model.lora_targets must be a non-empty subset of {', '.join(LORA_TARGETS)} (got {self.lora_targets})")
+            if self.freeze:
+                p.append("model.freeze and model.lora_rank both choose what trains; LoRA already freezes every base "
+                         "weight, so remove model.freeze")
         return p
+
+    def freeze_spec(self) -> tuple[bool, int | None, list[str]]:
+        """model.freeze as (freeze embeddings, number of leading blocks to freeze (None: all), problems)."""
+        embeddings, blocks, problems = False, 0, []
+        for item in self.freeze:
+            name, _, n = item.partition(":")
+            if item in ("embeddings", "body"):
+                embeddings = True
+                blocks = None if item == "body" else blocks
+            elif name == "blocks" and n.isdigit() and int(n) > 0:
+                blocks = None if blocks is None else max(blocks, int(n))
+            else:
+                problems.append(f"model.freeze entry {item!r} is not one of: embeddings, blocks:N (N >= 1), body")
+        return embeddings, blocks, problems
 
 
 @dataclass
@@ -112,6 +162,10 @@ class DataConfig:
     max_windows: int = opt(0, "overflow=window: at most this many windows per document (0: no cap).")
     window_pool: str = opt("mean", "overflow=window, cls evaluation: pool the class probabilities of a document's windows "
                                    "by mean, or by max (per class, renormalized).", ("mean", "max"))
+    balanced_sampling: bool = opt(False, "head=cls: draw every class equally often (a seeded, resumable class-balanced "
+                                         "stream; rare-class samples repeat more often than common ones).")
+    add_tokens: list[str] = opt([], "Tokens added to the tokenizer, each kept whole; the embedding grows and the new "
+                                    "rows start at the mean of the existing ones (a tied LM head stays tied).")
 
     def problems(self, cfg: "Config") -> list[str]:
         p = positive("data.seq_len", self.seq_len) + within("data.val_fraction", self.val_fraction, 0.0, 1.0, True)
@@ -125,6 +179,10 @@ class DataConfig:
             p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {self.tokenizer_vocab})")
         if not self.source.strip():
             p.append("data.source is empty: name a builtin:<name>, a file or a hub dataset")
+        if self.balanced_sampling and cfg.model.head != "cls":
+            p.append("data.balanced_sampling needs model.head=cls (it balances classes)")
+        if any(not t.strip() for t in self.add_tokens) or len(set(self.add_tokens)) != len(self.add_tokens):
+            p.append(f"data.add_tokens must be distinct, non-empty strings (got {self.add_tokens})")
         return p
 
 
@@ -164,6 +222,10 @@ class OptimConfig:
     warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
     fused: bool = opt(True, "Fused AdamW on CUDA (one kernel for all parameters; foreach elsewhere).")
+    layer_lr_decay: float = opt(1.0, "Discriminative learning rates: of L blocks, block i learns at "
+                                     "lr * layer_lr_decay^(L-1-i) and the embeddings at lr * layer_lr_decay^L, so lower "
+                                     "layers move less (1: one lr for all).")
+    head_lr: float = opt(0.0, "head=cls: peak learning rate of the classifier, on the same schedule; 0: optim.lr.")
 
     def problems(self, cfg: "Config") -> list[str]:
         p = (positive("optim.lr", self.lr) + positive("optim.weight_decay", self.weight_decay, True)
@@ -171,6 +233,11 @@ class OptimConfig:
              + within("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             p.append(f"optim.betas must be two numbers in [0, 1) (got {self.betas})")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            p.append(f"optim.layer_lr_decay must be within (0, 1] (got {self.layer_lr_decay})")
+        p += positive("optim.head_lr", self.head_lr, True)
+        if self.head_lr and cfg.model.head != "cls":
+            p.append("optim.head_lr needs model.head=cls (the lm head is the tied token embedding)")
         return p
 
 
@@ -234,6 +301,103 @@ class PerfConfig:
 
 
 @dataclass
+class LossConfig:
+    class_weights: str | list[float] = opt(
+        "none",
+        "head=cls: none; auto (from the training split's label counts: N / (K * count), so every class carries the "
+        "same total weight); or one weight per class in label order, e.g. [1, 5, 20]. The loss is the weighted mean "
+        "over the whole global batch.",
+    )
+    focal_gamma: float = opt(0.0, "head=cls: focal loss exponent; each sample's loss is scaled by (1 - p_true)^gamma, "
+                                  "which down-weights easy samples (0: cross-entropy).")
+    label_smoothing: float = opt(0.0, "Mix the one-hot target with a uniform distribution by this much (training "
+                                      "loss only: eval loss and perplexity stay plain cross-entropy).")
+
+    @property
+    def auto_weights(self) -> bool:
+        return isinstance(self.class_weights, str) and self.class_weights.strip().lower() == "auto"
+
+    def class_weight_values(self) -> list[float] | None:
+        """The explicit weights, or None for none/auto (raises ValueError on a malformed value)."""
+        spec = self.class_weights
+        if isinstance(spec, list):
+            return [float(w) for w in spec]
+        if spec.strip().lower() in ("none", "auto", ""):
+            return None
+        return [float(w) for w in spec.strip("[]() ").split(",") if w.strip()]
+
+    def problems(self, cfg: "Config") -> list[str]:
+        p = positive("loss.focal_gamma", self.focal_gamma, True) + within("loss.label_smoothing", self.label_smoothing, 0.0, 1.0, True)
+        try:
+            weights = self.class_weight_values()
+        except ValueError:
+            weights = None
+            p.append(f"loss.class_weights must be none, auto or a list of numbers (got {self.class_weights!r})")
+        if weights is not None and (not weights or min(weights) < 0 or max(weights) == 0):
+            p.append(f"loss.class_weights must be non-negative with at least one positive weight (got {weights})")
+        uses = [k for k, on in (("loss.class_weights", weights is not None or self.auto_weights),
+                                ("loss.focal_gamma", self.focal_gamma > 0)) if on]
+        if uses and cfg.model.head != "cls":
+            p.append(f"{' and '.join(uses)} need{'s' if len(uses) == 1 else ''} model.head=cls")
+        if self.auto_weights and cfg.data.balanced_sampling:
+            p.append("loss.class_weights=auto and data.balanced_sampling=true both correct the same imbalance (rare "
+                     "classes would count twice over); use one of them")
+        return p
+
+
+EVAL_METRICS = {
+    "lm": ("eval_loss", "eval_ppl", "eval_sliding_loss", "eval_sliding_ppl"),
+    "cls": ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_micro_f1", "eval_weighted_f1", "eval_balanced_accuracy"),
+}
+
+
+@dataclass
+class EvalConfig:
+    stride: int = opt(0, "head=lm: also score whole validation documents with sliding windows of data.seq_len tokens "
+                         "that advance by this many (every token predicted once, with at least seq_len - stride tokens "
+                         "of context): eval_sliding_loss / eval_sliding_ppl. 0: off.")
+    metric: str = opt("", "Eval metric that picks best/ and drives early stopping: eval_loss, eval_ppl, "
+                          "eval_sliding_ppl (lm); eval_loss, eval_accuracy, eval_macro_f1, eval_micro_f1, "
+                          "eval_weighted_f1, eval_balanced_accuracy (cls). The eval_ prefix may be left out. Empty: neither.")
+    mode: str = opt("auto", "Whether larger or smaller eval.metric is better; auto: min for loss/ppl, max otherwise.",
+                    ("auto", "min", "max"))
+    patience: int = opt(0, "Stop training after this many evaluations in a row without an improvement of eval.metric "
+                           "(0: never stop early).")
+    min_delta: float = opt(0.0, "Smallest change of eval.metric that counts as an improvement.")
+    save_best: bool = opt(True, "With eval.metric: keep best/ beside final/, the exported model of the best evaluation.")
+
+    @property
+    def metric_key(self) -> str:
+        m = self.metric.strip()
+        return m if not m or m.startswith("eval_") else f"eval_{m}"
+
+    @property
+    def maximize(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return not self.metric_key.endswith(("loss", "ppl"))
+
+    def problems(self, cfg: "Config") -> list[str]:
+        p = (positive("eval.stride", self.stride, True) + positive("eval.patience", self.patience, True)
+             + positive("eval.min_delta", self.min_delta, True))
+        if self.stride and cfg.model.head != "lm":
+            p.append("eval.stride (sliding-window perplexity) needs model.head=lm")
+        if self.stride and self.stride > cfg.data.seq_len > 0:
+            p.append(f"eval.stride={self.stride} must not exceed data.seq_len={cfg.data.seq_len} (tokens would be skipped)")
+        known = EVAL_METRICS.get(cfg.model.head, ())
+        if self.metric_key and known and self.metric_key not in known:
+            p.append(f"eval.metric {self.metric!r} is not reported for model.head={cfg.model.head}; use one of "
+                     f"{', '.join(known)}")
+        elif self.metric_key.startswith("eval_sliding") and not self.stride:
+            p.append(f"eval.metric {self.metric!r} needs eval.stride > 0")
+        if self.patience and not self.metric_key:
+            p.append("eval.patience needs eval.metric (the metric to watch)")
+        if self.patience and not cfg.train.eval_every:
+            p.append("eval.patience needs train.eval_every > 0 (early stopping decides at evaluations)")
+        return p
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -243,6 +407,8 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -301,7 +467,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        errors = []
+        for arg in args:  # the first member of the union the value converts to
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(e)
+        raise errors[0]
     if origin in (list, tuple):
         (elem,) = typing.get_args(tp)[:1] or (Any,)
         if isinstance(value, str):

@@ -67,9 +67,16 @@ BUILTINS = {
 }
 
 
-def register_builtin(name: str, generator, gen_kwargs=lambda: {}) -> None:
-    """Add a `builtin:<name>` source (a generator of row dicts); used by task modules."""
+# Builtins that come with their own splits: their generator takes `split=<name>` (see engine/tasks.py).
+BUILTIN_SPLITS: dict[str, tuple[str, ...]] = {}
+
+
+def register_builtin(name: str, generator, gen_kwargs=lambda: {}, splits: tuple[str, ...] = ()) -> None:
+    """Add a `builtin:<name>` source (a generator of row dicts); used by task modules. With `splits`
+    (e.g. ("train", "validation")) the generator is called once per split with `split=` added."""
     BUILTINS[name] = (generator, gen_kwargs)
+    if splits:
+        BUILTIN_SPLITS[name] = tuple(splits)
 
 
 def _silence_datasets() -> None:
@@ -94,8 +101,9 @@ def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
         if name not in BUILTINS:
             raise UsageError(f"data.source {src!r}: unknown builtin; available: {', '.join('builtin:' + b for b in BUILTINS)}")
         gen, kwargs = BUILTINS[name]
-        ds = datasets.Dataset.from_generator(gen, gen_kwargs=kwargs())
-        dd = datasets.DatasetDict({"train": ds})
+        dd = datasets.DatasetDict({split: datasets.Dataset.from_generator(gen, gen_kwargs={**kwargs(), "split": split})
+                                   for split in BUILTIN_SPLITS[name]} if name in BUILTIN_SPLITS else
+                                  {"train": datasets.Dataset.from_generator(gen, gen_kwargs=kwargs())})
     elif _looks_like_files(src):
         files = sorted(glob.glob(os.path.expanduser(src))) if any(c in src for c in "*?[") else [os.path.expanduser(src)]
         missing = [f for f in files if not os.path.isfile(f)]
@@ -280,10 +288,18 @@ class Prepared:
     seq_len: int
     label_names: list[str] = field(default_factory=list)
     windows: WindowSpec | None = None  # data.overflow=window (cls validation rows are whole documents)
+    class_weights: torch.Tensor | None = None  # head=cls: per-class loss weights (loss.class_weights)
+    balanced: bool = False  # head=cls: draw training samples class-balanced (data.balanced_sampling)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def label_counts(self, split: str = "train") -> list[int]:
+        ds = getattr(self, split)
+        if not len(ds):
+            return [0] * self.num_labels
+        return np.bincount(np.asarray(ds["labels"]), minlength=self.num_labels).tolist()
 
 
 def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
@@ -329,7 +345,8 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
     if len(out["train"]) == 0:
         raise UsageError(f"data.source {cfg.source!r}: no training sample of data.seq_len={cfg.seq_len} tokens fits in "
                          f"the training split; lower data.seq_len or add data")
-    return Prepared(out["train"], out["validation"], tokenizer, head, cfg.seq_len, list(label_names or []), window)
+    return Prepared(out["train"], out["validation"], tokenizer, head, cfg.seq_len, list(label_names or []), window,
+                    balanced=cfg.balanced_sampling and head == "cls")
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -353,6 +370,60 @@ class GlobalSampler:
         for epoch in np.unique(g // self.n):
             sel = (g // self.n) == epoch
             out[sel] = self._permutation(int(epoch))[g[sel] % self.n]
+        return out
+
+
+class BalancedSampler:
+    """Global sample index -> training sample index with every class drawn equally often.
+
+    Epoch e (as long as one pass over the data) is a seeded shuffle of a class sequence holding each of
+    the K classes n/K times (the first n mod K classes once more). The j-th time class c occurs in the
+    stream, counted from the start of training, takes member j mod n_c of class c's j // n_c-th seeded
+    permutation, so rare classes cycle through their samples and common ones are drawn without
+    replacement. Everything is a function of the global index: deterministic and resumable on any world
+    size, like GlobalSampler."""
+
+    def __init__(self, labels: np.ndarray, seed: int):
+        labels = np.asarray(labels, dtype=np.int64)
+        self.n, self.seed = len(labels), seed
+        self.classes = np.unique(labels)
+        self.members = [np.flatnonzero(labels == c) for c in self.classes]
+        k = len(self.classes)
+        self.per_epoch = np.full(k, self.n // k) + (np.arange(k) < self.n % k)  # occurrences of each class per epoch
+        self._epoch, self._seq, self._rank = -1, None, None
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _epoch_sequence(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class position per stream slot, how many earlier slots of this epoch hold the same class)."""
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            base = np.repeat(np.arange(len(self.classes)), self.per_epoch)
+            seq = base[torch.randperm(self.n, generator=g).numpy()]
+            order = np.argsort(seq, kind="stable")
+            starts = np.searchsorted(seq[order], np.arange(len(self.classes)))
+            rank = np.empty(self.n, dtype=np.int64)
+            rank[order] = np.arange(self.n) - starts[seq[order]]
+            self._epoch, self._seq, self._rank = epoch, seq, rank
+        return self._seq, self._rank
+
+    def _member(self, c: int, occurrence: int) -> int:
+        members = self.members[c]
+        cycle, pos = divmod(occurrence, len(members))
+        key = (c, cycle)
+        if key not in self._perms:
+            if len(self._perms) > 4096:
+                self._perms.clear()
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7_919 * (c + 1)) * 1_000_033 + cycle)
+            self._perms[key] = members[torch.randperm(len(members), generator=g).numpy()]
+        return int(self._perms[key][pos])
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i, g in enumerate(range(start, start + count)):
+            epoch, slot = divmod(g, self.n)
+            seq, rank = self._epoch_sequence(epoch)
+            c = int(seq[slot])
+            out[i] = self._member(c, epoch * int(self.per_epoch[c]) + int(rank[slot]))
         return out
 
 
@@ -423,7 +494,7 @@ class TrainBatches:
     def __init__(self, data: Prepared, layout: Layout, seed: int, device: torch.device, start_sample: int = 0,
                  prefetch: int = 2):
         self.data, self.layout, self.device = data, layout, device
-        self.sampler = GlobalSampler(len(data.train), seed)
+        self.sampler = BalancedSampler(data.train["labels"], seed) if data.balanced else GlobalSampler(len(data.train), seed)
         self.pad_id = data.tokenizer.pad_token_id
         self.sample = start_sample
         self._q: queue.Queue | None = None
@@ -440,6 +511,8 @@ class TrainBatches:
             rows, labels = _rows(self.data.train, idx[lay.positions(m)])
             out.append(_mask_skipped(collate(rows, self.data.head, self.pad_id, labels), self.data.train,
                                      idx[lay.positions(m)]))
+            if self.data.class_weights is not None:  # the trainer normalizes by their global sum
+                out[-1]["loss_weights"] = self.data.class_weights[out[-1]["labels"]]
         return out
 
     def _to_device(self, mbs):
@@ -486,10 +559,14 @@ def probe_batch(data: Prepared, n: int = 2) -> dict[str, torch.Tensor]:
     return collate(rows, data.head, data.tokenizer.pad_token_id, labels)
 
 
-def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device: torch.device, max_batches: int = 0):
+def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device: torch.device, max_batches: int = 0,
+                 dataset=None):
     """Validation micro-batches for this rank. Every rank yields the SAME number of batches (ZeRO-3
-    forwards are collectives); positions past the end repeat sample 0 with their targets masked."""
-    ds = data.validation
+    forwards are collectives); positions past the end repeat sample 0 with their targets masked.
+
+    `dataset` replaces the validation split (LM sliding windows: rows with a `skip` column, the number of
+    leading targets an earlier window already scored, which are masked here)."""
+    ds = data.validation if dataset is None else dataset
     n = len(ds)
     if n == 0:
         return
@@ -513,3 +590,6 @@ def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device
             else:
                 batch["valid"] = v
         yield {k: t.to(device) for k, t in batch.items()}
+
+
+import engine.tasks  # noqa: E402,F401  (registers the builtin:<task> sources; it imports this module)

@@ -78,6 +78,12 @@ class Metrics:
         if self.enabled:
             self._tb.add_text(tag, text, step)
 
+    def image(self, tag: str, hwc_uint8, step: int) -> None:
+        """An RGB image (height x width x 3, uint8) in TensorBoard's Images tab."""
+        if self.enabled:
+            self._tb.add_image(tag, hwc_uint8, step, dataformats="HWC")
+            self._tb.flush()
+
     def print(self, line: str) -> None:
         if not self.enabled:
             return
@@ -129,7 +135,10 @@ class Throughput:
 
 
 def cls_scores(confusion: torch.Tensor) -> dict:
-    """Accuracy and macro-F1 from a confusion matrix [true, predicted] of counts."""
+    """Classification scores from a confusion matrix [true, predicted] of counts, as scikit-learn defines
+    them: averages run over the classes that occur as a label or a prediction (F1 0 where undefined);
+    balanced accuracy is the mean recall over classes that occur as a label; micro-F1 of single-label
+    predictions equals accuracy. Per-class lists cover every class."""
     c = confusion.double()
     tp = c.diag()
     support, predicted = c.sum(1), c.sum(0)
@@ -137,9 +146,23 @@ def cls_scores(confusion: torch.Tensor) -> dict:
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                      torch.zeros_like(tp))
-    present = support > 0
+    present = (support > 0) | (predicted > 0)
     total = c.sum()
+
+    def mean(x, where):
+        return float(x[where].mean()) if where.any() else 0.0
+
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_f1": mean(f1, present),
+        "micro_f1": float(tp.sum() / total) if total > 0 else 0.0,
+        "weighted_f1": float((f1 * support).sum() / total) if total > 0 else 0.0,
+        "macro_precision": mean(precision, present),
+        "macro_recall": mean(recall, present),
+        "balanced_accuracy": mean(recall, support > 0),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": [int(x) for x in support.tolist()],
+        "predicted": [int(x) for x in predicted.tolist()],
     }

@@ -87,8 +87,12 @@ def resolve(cfg: ModelConfig) -> ModelSource:
     return ModelSource(name, True, None, None)  # a hub id; its config comes with the download
 
 
-def _dropout_kwargs(p: float) -> dict:
-    return {"resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p}
+def _dropout_kwargs(cfg: ModelConfig) -> dict:
+    def pick(site):
+        return cfg.dropout if site is None else site
+
+    return {"resid_pdrop": pick(cfg.resid_dropout), "embd_pdrop": pick(cfg.embd_dropout),
+            "attn_pdrop": pick(cfg.attn_dropout)}
 
 
 def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0) -> nn.Module:
@@ -96,7 +100,7 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     cls = GPT2ForSequenceClassification if cfg.head == "cls" else GPT2LMHeadModel
-    extra = dict(_dropout_kwargs(cfg.dropout), attn_implementation=cfg.attn_implementation)
+    extra = dict(_dropout_kwargs(cfg), attn_implementation=cfg.attn_implementation)
     if cfg.head == "cls":
         extra.update(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     if source.pretrained:
@@ -107,7 +111,9 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
                 f"model.name {source.name!r}: not a preset, a local directory, or a reachable hub model ({e})".strip()
             ) from None
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+            from engine.transfer import grow_embeddings
+
+            grow_embeddings(model, len(tokenizer))
     else:
         hf_cfg = source.config.__class__.from_dict(source.config.to_dict())
         hf_cfg.vocab_size = len(tokenizer)
@@ -143,7 +149,8 @@ class TrainModule(nn.Module):
     made once, not per batch: ZeRO-3 requires every rank to run the same sequence of modules, and
     unpacked batches carry a mask on one rank and none on another."""
 
-    def __init__(self, hf_model: nn.Module, head: str, perf: PerfConfig | None = None, packed: bool = False):
+    def __init__(self, hf_model: nn.Module, head: str, perf: PerfConfig | None = None, packed: bool = False,
+                 focal_gamma: float = 0.0, label_smoothing: float = 0.0):
         super().__init__()
         perf = perf or PerfConfig()
         self.hf = hf_model
@@ -153,6 +160,7 @@ class TrainModule(nn.Module):
         if perf.fused_gelu:
             fastpath.fuse_gelu(hf_model)
         self.causal_body = head == "lm" and packed and fastpath.can_use_causal_body(hf_model, perf)
+        self.focal_gamma, self.label_smoothing = focal_gamma, label_smoothing
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,14 +169,16 @@ class TrainModule(nn.Module):
         cls: labels are class ids; `loss_weights` (per sample) scales each sample's loss, and the
         trainer normalizes by the global sum of those weights.
         """
+        smoothing = self.label_smoothing if self.training else 0.0  # a training regularizer, like dropout
         if self.head == "lm":
             if attention_mask is None and self.causal_body:
                 hidden = fastpath.causal_body(self.hf.transformer, input_ids)
             else:
                 hidden = self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return self.hf.lm_head(hidden, labels)  # the loss runs inside lm_head's forward (ZeRO-3: see fastpath)
+            # the loss runs inside lm_head's forward (ZeRO-3: see fastpath)
+            return self.hf.lm_head(hidden, labels, smoothing)
         logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-        return losses.cls_loss_sum(logits, labels, loss_weights)
+        return losses.cls_loss_sum(logits, labels, loss_weights, self.focal_gamma, smoothing)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -15,6 +15,12 @@ from torch import nn
 from engine.config import OptimConfig
 
 
+def decays(name: str, p: nn.Parameter, embedding_ids: set[int]) -> bool:
+    """Whether weight decay applies: matrices yes; biases, LayerNorms and embeddings no."""
+    ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat; its full shape decides
+    return not (ndim < 2 or id(p) in embedding_ids or "ln_" in name or "norm" in name.lower())
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay, seen = [], [], set()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -22,11 +28,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat; its full shape decides
-        if ndim < 2 or id(p) in embeddings or "ln_" in name or "norm" in name.lower():
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (decay if decays(name, p, embeddings) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]

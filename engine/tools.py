@@ -43,8 +43,20 @@ def load_model(model_dir: Path, device: torch.device):
 
 
 def evaluate_model(path: Path, source: str, split: str, seq_len: int | None, batch_size: int,
-                   text_column: str | None, label_column: str | None, max_batches: int) -> dict:
-    from engine.trainer import evaluate
+                   text_column: str | None, label_column: str | None, max_batches: int, stride: int | None = None) -> dict:
+    """Headline numbers plus (cls) labels, per-class scores and the confusion matrix, as one flat dict."""
+    header, report = evaluate_model_report(path, source, split, seq_len, batch_size, text_column, label_column,
+                                           max_batches, stride)
+    out = {**header, **report.to_json()}
+    out.pop("head")
+    return out
+
+
+def evaluate_model_report(path: Path, source: str, split: str, seq_len: int | None, batch_size: int,
+                          text_column: str | None, label_column: str | None, max_batches: int,
+                          stride: int | None = None):
+    """(header, EvalReport) of a model directory or run on a dataset split; streaming, one process."""
+    from engine import evaluation
 
     model_dir, run_cfg = resolve_model_dir(path)
     env = dist.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -65,8 +77,18 @@ def evaluate_model(path: Path, source: str, split: str, seq_len: int | None, bat
     prepared = data.prepare(raw, tok, dcfg, head, label_names=labels)
     if len(prepared.validation) == 0:
         raise UsageError(f"the {split} split of {source!r} has no sample of {dcfg.seq_len} tokens; lower --seq-len")
-    out = evaluate(model_lib.TrainModule(hf, head, packed=dcfg.pack), prepared, env, batch_size, max_batches)
-    return {"model": str(model_dir), "split": split, "samples": len(prepared.validation), **out}
+    stride = run_cfg.get("eval", {}).get("stride", 0) if stride is None else stride
+    if stride and head != "lm":
+        raise UsageError("--stride (sliding-window perplexity) needs a language model")
+    if stride > dcfg.seq_len:
+        raise UsageError(f"--stride {stride} must not exceed the window of {dcfg.seq_len} tokens (--seq-len)")
+    windows = evaluation.window_dataset(raw["validation"], tok, dcfg.text_column, dcfg.seq_len, stride) if stride else None
+    report = evaluation.evaluate_report(model_lib.TrainModule(hf, head, packed=dcfg.pack), prepared, env, batch_size, max_batches,
+                                        windows=windows)
+    header = {"model": str(model_dir), "split": split, "samples": len(prepared.validation)}
+    if stride:
+        header["stride"] = stride
+    return header, report
 
 
 def generate_text(path: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -180,6 +202,8 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     if head == "lm":  # checkpoints hold the padded vocabulary (perf.pad_vocab_to)
         weights = fastpath.unpad_state_dict(weights, hf_config.vocab_size)
     labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)] if head == "cls" else None
+    if state["config"]["model"].get("lora_rank"):
+        weights = lora_checkpoint_weights(state, weights, tok, labels)
     checkpoint.export_hf(hf_config, head, weights, tok, out, labels)
     verify_weights(out, weights, head)
     return out
@@ -210,17 +234,24 @@ def export_checkpoint_checked(path: Path, out: Path) -> dict:
     export_checkpoint(ckpt, out)
     head = head_of(out)
     hf_config = AutoConfig.from_pretrained(ckpt / "config.json")
-    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    # the real vocabulary: whatever padding (perf.pad_vocab_to) the checkpoint was trained with is cut off
-    module = model_lib.TrainModule(auto.from_config(hf_config), head, perf=PerfConfig(pad_vocab_to=1)).eval()
-    weights = full_state_from_checkpoint(ckpt)
-    if head == "lm":  # the tied embedding is saved under one of its two names
-        tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
-        weights = fastpath.unpad_state_dict({**weights, "lm_head.weight": tied, "transformer.wte.weight": tied},
-                                            hf_config.vocab_size)
-    missing = module.hf.load_state_dict(weights, strict=False).missing_keys
-    if missing:
-        raise deploy.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
+    state = json.loads((ckpt / checkpoint.STATE).read_text(encoding="utf-8"))
+    if state["config"]["model"].get("lora_rank"):  # the adapted model, adapters unmerged: checks the merge too
+        labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)] if head == "cls" else None
+        adapted = lora_adapted_model(state, full_state_from_checkpoint(ckpt),
+                                     data.load_tokenizer(str(ckpt / "tokenizer")), labels)
+        module = model_lib.TrainModule(adapted, head).eval()
+    else:
+        auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+        # the real vocabulary: whatever padding (perf.pad_vocab_to) the checkpoint was trained with is cut off
+        module = model_lib.TrainModule(auto.from_config(hf_config), head, perf=PerfConfig(pad_vocab_to=1)).eval()
+        weights = full_state_from_checkpoint(ckpt)
+        if head == "lm":  # the tied embedding is saved under one of its two names
+            tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
+            weights = fastpath.unpad_state_dict({**weights, "lm_head.weight": tied, "transformer.wte.weight": tied},
+                                                hf_config.vocab_size)
+        missing = module.hf.load_state_dict(weights, strict=False).missing_keys
+        if missing:
+            raise deploy.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
     tok = data.load_tokenizer(str(out))
     batch = deploy.probe(tok)
     with torch.no_grad():
@@ -247,3 +278,41 @@ def verify_weights(out: Path, weights: dict[str, torch.Tensor], head: str) -> No
             problems.append(f"{name}: values differ")
     if problems:
         raise RuntimeError(f"export {out} failed verification: " + "; ".join(problems[:5]))
+
+
+def lora_checkpoint_weights(state: dict, adapter: dict[str, torch.Tensor], tokenizer, labels) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's weights as a plain model's: the adapted model rebuilt, adapters merged."""
+    from engine import transfer
+    from engine.config import from_dict
+
+    hf = lora_adapted_model(state, adapter, tokenizer, labels)
+    return transfer.merge_lora({k: v.detach().float() for k, v in hf.state_dict().items()},
+                               from_dict(state["config"])[0].model)
+
+
+def lora_adapted_model(state: dict, adapter: dict[str, torch.Tensor], tokenizer, labels):
+    """A LoRA checkpoint holds adapters (and a classifier) only: rebuild the base as the run built it
+    (model.name, seeded), check it is the one trained on, and load the adapters into it."""
+    from engine import transfer
+    from engine.config import from_dict
+    from engine.trainer import seed_everything
+
+    cfg, problems = from_dict(state["config"])
+    if problems:
+        raise UsageError([f"the checkpoint's config: {p}" for p in problems])
+    source = model_lib.resolve(cfg.model)
+    seed_everything(cfg.run.seed)
+    hf = model_lib.build(cfg.model, source, tokenizer, len(labels or []))
+    if cfg.model.head == "lm":  # as the trainer does: pad the LM head before the adapters go in
+        fastpath.install_lm_head(hf, cfg.perf)
+    transfer.adapt(hf, cfg.model)
+    module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack)
+    saved = state.get("base_fingerprint")
+    if saved and transfer.base_fingerprint(module) != saved:
+        raise UsageError(f"model.name {cfg.model.name!r} no longer gives the base weights this LoRA checkpoint was "
+                         f"trained on; export needs that base model")
+    missing = set(adapter) - set(hf.state_dict())
+    if missing:
+        raise UsageError(f"the checkpoint holds weights this model does not have: {sorted(missing)[:3]}")
+    hf.load_state_dict(adapter, strict=False)
+    return hf.eval()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import backends, checkpoint, data, dist, fastpath, losses, memory, metrics, model as model_lib, optim, windows
+from engine import (backends, checkpoint, data, dist, evaluation, fastpath, losses, memory, metrics, model as model_lib,
+                    optim, transfer, windows)
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 
@@ -53,13 +54,17 @@ class Trainer:
             hf = model_lib.build(cfg.model, self.source, self.data.tokenizer, self.data.num_labels)
             if cfg.model.head == "lm":  # in construct(): ZeRO-3 partitions the padded embedding as it is made
                 fastpath.install_lm_head(hf, cfg.perf)
+        transfer.adapt(hf, cfg.model)  # model.freeze / LoRA (outside construct: adapters are new parameters)
         if self.data.label_names:
             hf.config.id2label = dict(enumerate(self.data.label_names))
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
         self.hf_config = hf.config
         self.n_params = model_lib.num_parameters(hf) - fastpath.padding_parameters(hf)  # MFU counts the real model
-        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack)
-        self.backend.setup(module, optim.param_groups(module, cfg.optim.weight_decay))
+        module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack,
+                                       focal_gamma=cfg.loss.focal_gamma, label_smoothing=cfg.loss.label_smoothing)
+        self.base_fingerprint = transfer.base_fingerprint(module) if cfg.model.lora_rank else None
+        self.trainable = transfer.trainable_summary(module)  # before a backend shards the parameters
+        self.backend.setup(module, transfer.param_groups(module, cfg))
         if cfg.model.compile:
             self.backend.compile()
         seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1))
@@ -73,12 +78,18 @@ class Trainer:
         self.layout = data.Layout(self.env.world_size, self.env.rank, cfg.train.micro_batch, cfg.train.grad_accum)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep, self.env.rank, self.env.world_size)
         self.step, self.tokens_seen, self.sample_index = 0, 0.0, 0
+        self.best = evaluation.BestTracker(cfg.eval)
         if self.resume_from is not None:
             state = self.checkpointer.load(self.resume_from, self.backend)
             self.step, self.tokens_seen = int(state["step"]), float(state["tokens"])
             self.sample_index = int(state["sample_index"])
+            self._check_base(state.get("base_fingerprint"))
+            self.best.load_state(state.get("best"))
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.batches = data.TrainBatches(self.data, self.layout, cfg.run.seed, self.env.device, self.sample_index)
+        self.windows = (evaluation.window_dataset(self.raw["validation"], self.data.tokenizer, cfg.data.text_column,
+                                                  cfg.data.seq_len, cfg.eval.stride)
+                        if cfg.eval.stride and len(self.raw["validation"]) else None)
         self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress)
         fpt = metrics.model_flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
         self.throughput = metrics.Throughput(fpt, metrics.peak_flops(self.env.device), self.env.world_size)
@@ -103,7 +114,17 @@ class Trainer:
         try:
             raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
             tokenizer = self._tokenizer(raw)
+            transfer.add_tokens(tokenizer, cfg.data.add_tokens)
             prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels)
+            problems = []
+            if cfg.model.head == "cls":
+                prepared.class_weights, problems = losses.class_weights(cfg.loss, prepared.label_counts())
+            if cfg.eval.metric and not len(prepared.validation):
+                problems.append(f"eval.metric={cfg.eval.metric} needs a validation split, and {cfg.data.source!r} "
+                                f"leaves none; raise data.val_fraction above 0")
+            if problems:
+                raise UsageError(problems)
+            self.raw = raw
         except UsageError as e:
             problem = e
         # Ranks agree before going on, so a bad file on one rank cannot leave the others waiting.
@@ -155,10 +176,16 @@ class Trainer:
             m.print(f"run already stopped at step {self.step} (train.stop_at_step={stop}); raise it to continue")
             m.close()
             return {"step": self.step, "stopped": True}
+        if self.best.stopped:
+            m.print(f"run stopped early at step {self.step} (best {self.best.key} {self.best.best:.4g} at step "
+                    f"{self.best.best_step}): {self.run_dir.resolve()}")
+            m.close()
+            return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
         if self.step == 0:
             before = self.evaluate()
             m.log(0, before)
             m.print(f"eval before training: {_fmt(before)}")
+            self.track_best(before)
         m.print(self._banner())
         m.print(memory.planned_line(self.backend))
         memory_logged = False
@@ -193,11 +220,13 @@ class Trainer:
                 ev = self.evaluate()
                 m.log(self.step, ev)
                 m.print(f"eval at step {self.step}: {_fmt(ev)}")
+                if self.track_best(ev):
+                    break
                 self.throughput.reset()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
                 self.save_checkpoint()
                 self.throughput.reset()
-        if self.step < cfg.train.max_steps:
+        if self.step < cfg.train.max_steps and not self.best.stopped:
             return self.stop_early(result)
         return self.finish(result)
 
@@ -223,13 +252,43 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
-        return evaluate(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
-                        self.cfg.train.eval_batches, self.backend.autocast)
+        report = evaluation.evaluate_report(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
+                                            self.cfg.train.eval_batches, self.backend.autocast, self.windows)
+        evaluation.write_report(self.run_dir, self.step, report, self.metrics)
+        self.last_eval = report.scalars
+        return report.scalars
+
+    def track_best(self, scalars: dict, final: Path | None = None) -> bool:
+        """eval.metric: export best/ on a new best (a copy of `final` when given); True when patience has
+        run out. Every rank decides alike: the scalars are already reduced over ranks."""
+        best = self.best
+        if not best.update(self.step, scalars):
+            stop = best.should_stop and not final
+            if stop:
+                best.stopped = True
+                self.metrics.print(f"early stopping at step {self.step}: no {best.key} improvement in "
+                                   f"{best.bad_evals} evaluations (best {best.best:.4g} at step {best.best_step})")
+            return stop
+        if self.cfg.eval.save_best:
+            if final is not None:
+                if self.env.is_main:
+                    evaluation.copy_model_dir(final, self.run_dir / "best")
+                dist.barrier()
+            else:
+                self.export(self.run_dir / "best")
+            self.metrics.print(f"new best {best.key} {best.best:.4g} at step {self.step}: {self.run_dir / 'best'}")
+        return False
+
+    def _check_base(self, saved: str | None) -> None:
+        if saved and self.base_fingerprint and saved != self.base_fingerprint:
+            raise UsageError(f"model.name {self.cfg.model.name!r} no longer gives the base weights the LoRA "
+                             f"checkpoint {self.resume_from} was trained on; restore that model or start a new run")
 
     # ----------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
         return {"tokens": self.tokens_seen, "sample_index": self.sample_index,
-                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict()}
+                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict(),
+                "best": self.best.state(), "base_fingerprint": self.base_fingerprint}
 
     def save_checkpoint(self) -> Path:
         def extras(d: Path) -> None:
@@ -244,6 +303,7 @@ class Trainer:
         """final/ as plain transformers files, then reloaded and checked against the engine's logits."""
         state = self.backend.full_state_dict()
         if self.env.is_main:
+            state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
             checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
                                  self.data.label_names)
         dist.barrier()
@@ -278,9 +338,13 @@ class Trainer:
         ckpt = self.save_checkpoint()
         final = self.run_dir / "final"
         self.export(final)
-        after = self.evaluate()
-        m.log(self.step, after)
-        m.print(f"eval after training: {_fmt(after)}")
+        if self.best.stopped:  # the evaluation that stopped the run was of these very weights
+            after = self.last_eval
+        else:
+            after = self.evaluate()
+            m.log(self.step, after)
+            m.print(f"eval after training: {_fmt(after)}")
+            self.track_best(after, final=final)
         summary = {"step": self.step, **last_row, **after, "final": str(final), "checkpoint": str(ckpt)}
         if self.env.is_main:
             if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens:
@@ -300,6 +364,7 @@ class Trainer:
         ev = self.evaluate()
         m.log(self.step, ev)
         m.print(f"eval at step {self.step}: {_fmt(ev)}")
+        self.track_best(ev)
         m.print(f"stopped at step {self.step} of {self.cfg.train.max_steps} (train.stop_at_step); "
                 f"run again with a later train.stop_at_step (or 0) to continue")
         m.close()
@@ -315,48 +380,11 @@ class Trainer:
         return (f"model {c.model.name} ({self.n_params / 1e6:.2f}M params, head={c.model.head}) | "
                 f"backend {self.backend.name} x{self.env.world_size} on {self.env.device.type} | "
                 f"global batch {lay.global_batch} = {lay.world} ranks x {lay.micro_batch} x {lay.grad_accum} accum | "
-                f"seq {c.data.seq_len} | {len(self.data.train)} train / {len(self.data.validation)} eval samples")
+                f"seq {c.data.seq_len} | {len(self.data.train)} train / {len(self.data.validation)} eval samples"
+                + (f" | {self.trainable}" if c.model.freeze or c.model.lora_rank else ""))
 
 
-@torch.no_grad()
-def evaluate(module, prepared: data.Prepared, env: dist.DistEnv, micro_batch: int, max_batches: int = 0,
-             autocast=contextlib.nullcontext) -> dict:
-    """Eval loss and perplexity (lm) or loss, accuracy and macro-F1 (cls) on the validation split,
-    reduced over ranks. Every rank must call it (ZeRO-3 forwards are collectives)."""
-    head = prepared.head
-    was_training = module.training
-    module.eval()
-    sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # [loss, count]
-    k = max(1, prepared.num_labels)
-    confusion = torch.zeros(k, k, device=env.device, dtype=torch.float64)
-    for batch in data.eval_batches(prepared, env.world_size, env.rank, micro_batch, env.device, max_batches):
-        with autocast():
-            if head == "lm":
-                s, n = module(**batch), losses.target_count(batch, head)
-            else:
-                logits = module.logits(batch["input_ids"], batch["attention_mask"]).float()
-                if "window_doc" in batch:  # data.overflow=window: one prediction per document
-                    logits = windows.pool(logits, batch["window_doc"], batch["labels"].shape[0], prepared.windows.pool)
-                valid = batch.get("valid", torch.ones_like(batch["labels"], dtype=torch.bool))
-                per = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-                s, n = (per * valid).sum(), valid.sum()
-                idx = batch["labels"][valid] * k + logits.argmax(-1)[valid]
-                confusion.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
-        sums += torch.stack([s.double(), n.double()])
-    dist.all_reduce_sum(sums)
-    if head == "cls":
-        dist.all_reduce_sum(confusion)
-    module.train(was_training)
-    loss_total, count = sums.tolist()
-    if count == 0:
-        return {}
-    out = {"eval_loss": loss_total / count}
-    if head == "lm":
-        out["eval_ppl"] = math.exp(min(out["eval_loss"], 700.0))
-    else:
-        scores = metrics.cls_scores(confusion.cpu())
-        out.update(eval_accuracy=scores["accuracy"], eval_macro_f1=scores["macro_f1"])
-    return out
+evaluate = evaluation.evaluate  # the module-level eval, shared with `ftl eval`
 
 
 def _fmt(row: dict) -> str:

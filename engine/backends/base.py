@@ -90,13 +90,22 @@ class Backend(ABC):
 
     @abstractmethod
     def step(self, lr: float, clip: float) -> torch.Tensor:
-        """Set the lr, clip to `clip` (0: off), update, clear grads; returns the pre-clip global grad norm
-        as a device tensor (reading it is the caller's sync point)."""
+        """Set the lr (`set_lr`: each param group's `lr_scale` applies), clip to `clip` (0: off), update,
+        clear grads; returns the pre-clip global grad norm as a device tensor (reading it is the caller's
+        sync point)."""
 
     # --- state ---------------------------------------------------------------------------------------
+    @property
+    def saves_frozen(self) -> bool:
+        """Whether `save` writes frozen parameters. A LoRA run's checkpoints leave its frozen base out (it is
+        rebuilt from model.name on resume): they hold the adapters, the classifier and their optimizer state,
+        a few MB instead of the whole model. `load` then restores only what was saved."""
+        return not self.cfg.model.lora_rank
+
     @abstractmethod
     def save(self, path: Path) -> None:
-        """Write model + optimizer state under `path`; every rank calls it."""
+        """Write model + optimizer state under `path` (frozen parameters only if `saves_frozen`); every
+        rank calls it."""
 
     @abstractmethod
     def load(self, path: Path) -> None:
@@ -126,3 +135,10 @@ class Backend(ABC):
 
     def close(self) -> None:
         pass
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's learning rate on every param group, times the group's `lr_scale` when it has one
+    (discriminative learning rates, a classifier's own lr: see engine/transfer.py)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -9,12 +9,12 @@ import contextlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from engine import fastpath, optim
-from engine.backends.base import Backend, tensor_bytes
+from engine.backends.base import Backend, set_lr, tensor_bytes
 
 
 class DDPBackend(Backend):
@@ -58,8 +58,7 @@ class DDPBackend(Backend):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, lr: float, clip: float) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -79,19 +78,36 @@ class DDPBackend(Backend):
     # Replicas are identical, so rank 0 writes the state and every rank reads it.
     def save(self, path: Path) -> None:
         if self.env.is_main:
-            save_model(self._module, str(path / "model.safetensors"))
+            if self.saves_frozen:
+                save_model(self._module, str(path / "model.safetensors"))
+            else:
+                save_file(self._saved_tensors(), str(path / "model.safetensors"))
             state = {"optimizer": self.optimizer.state_dict()}
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
-        missing, unexpected = load_model(self._module, str(path / "model.safetensors"), strict=True,
-                                         device=str(self.env.device))
+        if self.saves_frozen:
+            load_model(self._module, str(path / "model.safetensors"), strict=True, device=str(self.env.device))
+        else:
+            saved = load_file(str(path / "model.safetensors"), device=str(self.env.device))
+            expected = self._saved_tensors().keys()
+            if saved.keys() != expected:
+                raise RuntimeError(f"{path} does not hold this model's trainable parameters "
+                                   f"(missing {sorted(expected - saved.keys())[:3]}, "
+                                   f"unexpected {sorted(saved.keys() - expected)[:3]})")
+            self._module.load_state_dict(saved, strict=False)
         state = torch.load(path / "optimizer.pt", map_location=self.env.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+    def _saved_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds when frozen parameters are left out: trainable parameters and buffers."""
+        state = self._module.state_dict()
+        frozen = {n for n, p in self._module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {k: v.detach().contiguous() for k, v in state.items() if k not in frozen}
 
     def full_state_dict(self):
         if not self.env.is_main:

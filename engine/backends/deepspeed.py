@@ -57,7 +57,7 @@ from torch import nn
 
 from engine import dist, fastpath, model as model_lib, optim
 from engine.backends import ds_config
-from engine.backends.base import Backend, tensor_bytes
+from engine.backends.base import Backend, set_lr, tensor_bytes
 from engine.errors import UsageError
 
 CKPT_SUBDIR = "deepspeed"
@@ -237,9 +237,7 @@ class DeepSpeedBackend(Backend):
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, lr: float, clip: float) -> torch.Tensor:
-        opt = self.engine.optimizer
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer, lr)  # ZeRO keeps each group's keys, lr_scale included
         if clip != self._clip:
             self._set_clip(clip)
         norm = None
@@ -265,7 +263,9 @@ class DeepSpeedBackend(Backend):
     def save(self, path: Path) -> None:
         root = path / CKPT_SUBDIR
         tag = f"global_step{self.engine.global_steps}"
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=True)
+        # A LoRA run leaves its frozen base out (rebuilt from model.name on resume): adapter-sized checkpoints.
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=True,
+                                    exclude_frozen_parameters=not self.saves_frozen)
         if self.env.is_main:
             layout = {"zero_stage": self.stage, "world_size": self.env.world_size, "tag": tag,
                       "offload": self.resolved.offload, "dtype": str(self.param_dtype).removeprefix("torch."),
@@ -289,7 +289,7 @@ class DeepSpeedBackend(Backend):
         if problems:
             raise UsageError(problems)
         with _weights_only_loading(self.engine):
-            loaded, _ = self.engine.load_checkpoint(str(root), tag=layout["tag"], load_module_strict=True,
+            loaded, _ = self.engine.load_checkpoint(str(root), tag=layout["tag"], load_module_strict=self.saves_frozen,
                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint under {root}")
@@ -303,6 +303,12 @@ class DeepSpeedBackend(Backend):
         out: dict[str, torch.Tensor] = {}
         for name, p in hf.named_parameters():
             full = safe_get_full_fp32_param(p)  # ZeRO 1-3 and 16-bit optimizers (a collective)
+            if full is None and hasattr(p, "ds_id"):
+                # ZeRO-3 without optimizer state, i.e. frozen (LoRA's base, model.freeze): gather the partitions.
+                with self.deepspeed.zero.GatheredParameters([p]):
+                    if self.env.is_main:
+                        out[name] = p.detach().float().cpu().clone()
+                continue
             if self.env.is_main:
                 out[name] = (p.detach() if full is None else full).float().cpu().clone()
         if not self.env.is_main:
