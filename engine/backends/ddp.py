@@ -6,6 +6,7 @@ A single process (world=1) uses the same class without the DDP wrapper, so there
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -120,6 +121,14 @@ class DDPBackend(Backend):
         if not self.env.is_main:
             return None
         return {k: v.detach().float().cpu() for k, v in self._module.hf.state_dict().items()}
+
+    def close(self) -> None:
+        # The DDP wrapper's reducer holds the process group. Dropped here, before dist.shutdown(), the group
+        # is destroyed (its gloo worker threads joined) while Python is alive; left to interpreter exit, a
+        # worker releasing its last tensor of a finished all-reduce needs the GIL, gets pthread_exit instead,
+        # and the whole process aborts ("terminate called without an active exception") after a good run.
+        self._wrapped = None
+        gc.collect()
 
     def memory_report(self) -> dict[str, int]:
         params = sum(p.numel() * p.element_size() for p in {id(p): p for p in self._module.parameters()}.values())
