@@ -181,7 +181,7 @@ class Checkpointer:
                 _delete(old)
             except OSError as e:  # a stale NFS handle or a read-only file must not kill a healthy run
                 warnings.warn(f"could not delete old checkpoint {old}: {e}", stacklevel=2)
-        for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".old-step-*")]:
+        for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".old-step-*"), *self.root.glob(".universal-step-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, path: Path, backend, reseed=None) -> dict:

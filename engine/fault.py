@@ -106,19 +106,33 @@ def nan_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
 
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
     """optimizer.step(), unless the global gradient norm is non-finite: then weights and optimizer
-    state (moments, step count) stay exactly as they were.
+    state (moments, step count) stay exactly as they were."""
+    with updates_only_if_finite(optimizer, grad_norm):
+        optimizer.step()
+
+
+@contextlib.contextmanager
+def updates_only_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor):
+    """Inside this block, `optimizer.step()` leaves everything untouched when `grad_norm` is non-finite
+    (for steps a library drives, e.g. DeepSpeed's engine.step()).
 
     Fused Adam/AdamW decide on the device (their `found_inf` input, what GradScaler uses), so the step
     adds no host sync. Other optimizers read the flag back: free on CPU, one sync per step on GPU."""
-    bad = (~torch.isfinite(grad_norm)).to(torch.float32)
+    bad = (~torch.isfinite(torch.as_tensor(grad_norm))).to(torch.float32)
     if all(g.get("fused") for g in optimizer.param_groups):
         optimizer.found_inf = bad
         try:
-            optimizer.step()
+            yield
         finally:
             del optimizer.found_inf
-    elif not bool(bad):
-        optimizer.step()
+    elif bool(bad):
+        optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadowing the method
+        try:
+            yield
+        finally:
+            del optimizer.step
+    else:
+        yield
 
 
 # ------------------------------------------------------------------------------------------ watchdog
