@@ -6,10 +6,15 @@ Layout of a run directory's checkpoints:
                                   rng-rank<R>.pt for every rank, COMPLETE (written last)
     checkpoints/latest            the name of the newest complete checkpoint (replaced atomically)
 
-A checkpoint is written under `.tmp-step-NNNNNN`, and only when every rank has finished its part is it
-renamed to its final name and `latest` moved to it. A process killed mid-save leaves a `.tmp-*`
-directory that resume ignores (and the next save removes). Reading never unpickles arbitrary
-objects: tensors come from safetensors or `torch.load(weights_only=True)`.
+A checkpoint is written under `.tmp-step-NNNNNN`, and only when every rank has finished its part (and
+its files are fsynced) is COMPLETE written, the directory renamed to its final name and `latest` moved
+to it. A process killed mid-save leaves a `.tmp-*` directory that resume ignores (and the next save
+removes). A checkpoint being deleted (retention, or replaced by a new save of the same step) loses its
+COMPLETE marker first, so a half-deleted directory is never picked either. Reading never unpickles
+arbitrary objects: tensors come from safetensors or `torch.load(weights_only=True)`.
+
+The data position is the global sample index, and the model/optimizer files are the backend's: a
+checkpoint written by W ranks resumes on any other number of ranks through `Backend.load_resharded`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import dist, fastpath
+from engine import dist, fastpath, fault
 
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
@@ -65,6 +70,43 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json: step, tokens, sample_index, global_batch, world_size, config."""
+    return json.loads((path / STATE).read_text(encoding="utf-8"))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` (and the directories) to stable storage before COMPLETE is written:
+    the rename only makes a checkpoint visible, it does not make its bytes durable."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint so that no intermediate state looks complete: the marker goes first."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
 def rng_state() -> dict:
     """Every RNG that can influence training on this rank, as tensors and plain values."""
     py = random.getstate()
@@ -75,8 +117,8 @@ def rng_state() -> dict:
                   float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: resumable on another GPU count
     return state
 
 
@@ -87,7 +129,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 class Checkpointer:
@@ -114,13 +157,19 @@ class Checkpointer:
             (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
             if extras is not None:
                 extras(tmp)
+        fault.inject_in_save(step, self.rank)  # FTL_FAULT_INJECT=hang_save/slow_save (tests); inert otherwise
         dist.barrier()  # every rank's files are in place
         if self.rank == 0:
+            _fsync_tree(tmp)
             _write_atomic(tmp / COMPLETE, "ok\n")
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # a second save of the same step (a resumed run re-saving): retire the old one
+                retired = self.root / f".old-{final.name}-{os.getpid()}"
+                os.replace(final, retired)
+                (retired / COMPLETE).unlink(missing_ok=True)
+                shutil.rmtree(retired, ignore_errors=True)
             os.replace(tmp, final)
             _write_atomic(self.root / "latest", final.name + "\n")
+            _fsync_dir(self.root)
             self._retain()
         dist.barrier()
         return final
@@ -129,19 +178,29 @@ class Checkpointer:
         complete = list_complete(self.root)
         for old in complete[: max(0, len(complete) - self.keep)]:
             try:
-                shutil.rmtree(old)
-            except OSError as e:  # a stale NFS handle must not kill a healthy run
-                warnings.warn(f"could not delete old checkpoint {old}: {e}")
-        for stale in self.root.glob(".tmp-step-*"):
+                _delete(old)
+            except OSError as e:  # a stale NFS handle or a read-only file must not kill a healthy run
+                warnings.warn(f"could not delete old checkpoint {old}: {e}", stacklevel=2)
+        for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".old-step-*"), *self.root.glob(".universal-step-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, path: Path, backend) -> dict:
-        """Restore backend state and this rank's RNG; returns the trainer state."""
-        state = json.loads((path / STATE).read_text(encoding="utf-8"))
-        backend.load(path)
+    def load(self, path: Path, backend, reseed=None) -> dict:
+        """Restore backend state and this rank's RNG; returns the trainer state.
+
+        A checkpoint written by another number of ranks goes through `backend.load_resharded`. Ranks
+        with no RNG file of their own (a job grown from 1 to 2 ranks) call `reseed(step)` instead, which
+        gives them a fresh stream that still depends only on the seed, the rank and the step."""
+        state = read_state(path)
+        saved_world = int(state.get("world_size", self.world))
+        if saved_world == self.world:
+            backend.load(path)
+        else:
+            backend.load_resharded(path, saved_world)
         rng_file = path / f"rng-rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
+        elif reseed is not None:
+            reseed(int(state["step"]))
         return state
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from engine.errors import UsageError
+from engine.errors import RunStopped, UsageError
 
 SET_HELP = "Override a config key, e.g. --set train.max_steps=50 (repeatable)."
 
@@ -94,16 +94,19 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
     from engine import launcher as launch_lib
     from engine.config import load_config
 
-    load_config(config, overrides)  # fail here, once, rather than in every rank
+    cfg = load_config(config, overrides)  # fail here, once, rather than in every rank
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node's address)")
     train_args = ([config] if config else []) + [a for o in overrides for a in ("--set", o)]
     cmd = launch_lib.torchrun_command(nproc_per_node or launch_lib.default_nproc(), train_args, nnodes, node_rank,
                                       rdzv_endpoint, max_restarts)
+    env = launch_lib.launcher_env(max_restarts)
     if dry_run:
-        click.echo(launch_lib.render(cmd))
+        click.echo(launch_lib.render(cmd, env))
         return
-    sys.exit(subprocess.call(cmd))
+    from engine import fault
+
+    sys.exit(fault.launch_and_wait(cmd, cfg.run_dir, env))  # exit 75 when the workers were preempted
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -532,6 +535,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="ftl", standalone_mode=False)
     except UsageError as e:
         _report(e.render())
+        sys.exit(e.exit_code)
+    except RunStopped as e:  # preempted (75) or diverged (3): a message, not a traceback
+        _report(f"stopped: {e}")
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         _report("aborted")

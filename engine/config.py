@@ -203,13 +203,18 @@ class TrainConfig:
     stop_at_step: int = opt(0, "Stop after this step with a checkpoint and an eval but no final export, as if paused; "
                                "the schedule still spans max_steps and running again with a later stop (or 0) "
                                "continues. Sweeps use it for successive halving. 0: run to max_steps.")
+    max_bad_steps: int = opt(20, "Stop (exit code 3) after this many consecutive steps whose loss or gradient norm was "
+                                 "non-finite on any rank; each such step is skipped without touching weights or optimizer state.")
+    loss_scale_window: int = opt(1000, "fp16: overflow-free steps before the dynamic loss scale doubles (it halves, and "
+                                       "the step is skipped, on every overflow).")
 
     def problems(self, cfg: "Config") -> list[str]:
         return (positive("train.micro_batch", self.micro_batch) + positive("train.grad_accum", self.grad_accum)
                 + positive("train.max_steps", self.max_steps) + positive("train.log_every", self.log_every)
                 + positive("train.eval_every", self.eval_every, True) + positive("train.eval_batches", self.eval_batches, True)
                 + positive("train.clip_grad", self.clip_grad, True) + positive("train.sample_tokens", self.sample_tokens, True)
-                + positive("train.stop_at_step", self.stop_at_step, True))
+                + positive("train.stop_at_step", self.stop_at_step, True)
+                + positive("train.max_bad_steps", self.max_bad_steps) + positive("train.loss_scale_window", self.loss_scale_window))
 
 
 @dataclass
@@ -247,10 +252,17 @@ class DistConfig:
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage 0-3 (backend=deepspeed).")
     ds_config: str = opt("", "Path to your own DeepSpeed JSON; 'auto' values are filled from this config.")
     offload: str = opt("none", "DeepSpeed CPU offload of optimizer state (and parameters at stage 3).", ("none", "cpu"))
-    timeout_s: int = opt(1800, "Collective timeout in seconds (process-group start-up and every collective).")
+    timeout_s: int = opt(1800, "Collective timeout in seconds at start-up, in the first step, evaluation and checkpoint "
+                               "saves (dist.step_timeout_s applies to the other steps).")
+    step_timeout_s: int = opt(600, "Collective timeout in seconds once the first step has completed: a rank waiting "
+                                   "longer for its peers raises an error instead of hanging.")
+    watchdog_s: int = opt(1200, "A training step running longer than this makes the rank write every thread's stack to "
+                                "<run dir>/hang-rank<R>.txt and exit with code 4 (0 disables). The first step, "
+                                "evaluation and checkpoint saves get dist.timeout_s.")
 
     def problems(self, cfg: "Config") -> list[str]:
-        p = positive("dist.timeout_s", self.timeout_s)
+        p = (positive("dist.timeout_s", self.timeout_s) + positive("dist.step_timeout_s", self.step_timeout_s)
+             + positive("dist.watchdog_s", self.watchdog_s, True))
         if self.zero_stage not in (0, 1, 2, 3):
             p.append(f"dist.zero_stage must be 0, 1, 2 or 3 (got {self.zero_stage})")
         if self.backend != "deepspeed" and (self.zero_stage or self.ds_config or self.offload != "none"):

@@ -67,6 +67,23 @@ def launcher_env() -> dict[str, int | str]:
     return {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1, "launcher": "none"}
 
 
+def restart_count() -> int:
+    """How many times torchrun (`--max-restarts`) has restarted this job's workers; 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_store_problem() -> str | None:
+    """A known torchrun trap: with `--max-restarts` and the c10d rendezvous store shared with the workers
+    (the default since torch 2.5), restarted workers can read the previous attempt's keys and hang or
+    fail in process-group init (pytorch#135712). The agent must be started with the variable below."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+        return ("torchrun --max-restarts shares its rendezvous store with the workers, so a restarted job can "
+                "hang in process-group init (pytorch#135712); start torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (`ftl launch` does)")
+    return None
+
+
 def slurm_hostnames(nodelist: str) -> list[str]:
     """Expand a SLURM node list (`node[01-03],gpu7`); scontrol when present, else a small parser."""
     try:
@@ -132,6 +149,21 @@ def init_single_process_group(device: torch.device) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher would have set; DeepSpeed insists on it
     torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=torch_dist.HashStore(),
                                   rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
+def set_timeout(seconds: float) -> bool:
+    """Change the collective timeout of the default process group from now on (gloo and nccl alike).
+
+    False where this torch has no way to (the start-up timeout then stays in force)."""
+    if not torch_dist.is_initialized():
+        return False
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=seconds))
+        return True
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return False
 
 
 def shutdown() -> None:

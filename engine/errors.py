@@ -11,6 +11,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal after saving a checkpoint; requeue and resume
+EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps: requeueing would not help
+EXIT_HUNG = 4  # the watchdog found a step past its deadline; every thread's stack is in <run dir>/hang-rank<R>.txt
 
 
 class UsageError(Exception):
@@ -38,3 +40,22 @@ def collect(*checks: list[str]) -> list[str]:
     for c in checks:
         out.extend(c)
     return out
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose at a step boundary; the message says why and what to do.
+    The CLI prints it (rank 0) without a traceback and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class Preempted(RunStopped):
+    """A preemption signal: a checkpoint was saved; the job should be requeued (it resumes by itself)."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Diverged(RunStopped):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+    exit_code = EXIT_DIVERGED

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,10 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_dir / "tb"))
+        # A resumed run replaces whatever the interrupted attempt logged after its checkpoint.
+        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if start_step:
+            drop_rows_after(run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if progress:
             from tqdm import tqdm
@@ -106,6 +110,24 @@ class Metrics:
         self._tb.close()
         self._jsonl.close()
         self.enabled = False
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without the rows past `step` (atomically: a torn file would lose history)."""
+    if not path.is_file():
+        return
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line torn by the kill that ended the previous attempt
+            return False
+
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and keep(ln)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _jsonable(v):

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import (backends, checkpoint, data, dist, evaluation, fastpath, losses, memory, metrics, model as model_lib,
-                    optim, transfer, windows)
+from engine import (backends, checkpoint, data, dist, evaluation, fastpath, fault, losses, memory, metrics,
+                    model as model_lib, optim, resume, transfer, windows)
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 
@@ -44,6 +44,10 @@ class Trainer:
 
         # 1. Decide whether to resume (before anything is written) and validate data + model.
         self.resume_from = self._resume_target()
+        self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from else None
+        if self.resume_state is not None:  # config drift: errors now, warnings logged
+            resume.check_config(self.resume_from, self.resume_state, cfg, self.env.world_size,
+                                self.log if self.env.is_main else (lambda line: None))
         self.source = model_lib.resolve(cfg.model)
         self.data = self._prepare_data()
         self._check_shapes()
@@ -59,6 +63,8 @@ class Trainer:
             hf.config.id2label = dict(enumerate(self.data.label_names))
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
         self.hf_config = hf.config
+        if self.resume_from is not None:
+            resume.check_model_shape(self.resume_from, hf.config)
         self.n_params = model_lib.num_parameters(hf) - fastpath.padding_parameters(hf)  # MFU counts the real model
         module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack,
                                        focal_gamma=cfg.loss.focal_gamma, label_smoothing=cfg.loss.label_smoothing)
@@ -77,15 +83,20 @@ class Trainer:
         dist.barrier()
         self.layout = data.Layout(self.env.world_size, self.env.rank, cfg.train.micro_batch, cfg.train.grad_accum)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep, self.env.rank, self.env.world_size)
+        self.fault = fault.FaultTolerance(cfg, self.env, self.run_dir, self.backend, lambda line: self.metrics.print(line))
         self.step, self.tokens_seen, self.sample_index = 0, 0.0, 0
         self.best = evaluation.BestTracker(cfg.eval)
         if self.resume_from is not None:
-            state = self.checkpointer.load(self.resume_from, self.backend)
+            # A rank with no RNG file of its own (the job grew) gets a stream of its rank and the step.
+            reseed = lambda step: seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1) + 104729 * step)
+            state = self.checkpointer.load(self.resume_from, self.backend, reseed)
             self.step, self.tokens_seen = int(state["step"]), float(state["tokens"])
             self.sample_index = int(state["sample_index"])
             self._check_base(state.get("base_fingerprint"))
             self.best.load_state(state.get("best"))
-            self.log(f"resumed from {self.resume_from} at step {self.step}")
+            self.log(f"resumed from {self.resume_from} at step {self.step} (global sample {self.sample_index})")
+        elif cfg.checkpoint.resume == "auto":
+            self.log(f"no complete checkpoint in {self.run_dir / 'checkpoints'}: starting from step 0")
         self.batches = data.TrainBatches(self.data, self.layout, cfg.run.seed, self.env.device, self.sample_index)
         self.windows = (evaluation.window_dataset(self.raw["validation"], self.data.tokenizer, cfg.data.text_column,
                                                   cfg.data.seq_len, cfg.eval.stride)
@@ -137,8 +148,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.data.tokenizer:
             return data.load_tokenizer(cfg.data.tokenizer)
-        if self.resume_from is not None and (self.run_dir / "tokenizer").is_dir():
-            return data.load_tokenizer(str(self.run_dir / "tokenizer"))  # the run's own, as trained
+        if self.resume_from is not None:  # the run's own, as trained (a checkpoint carries a copy)
+            for saved in (self.resume_from / "tokenizer", self.run_dir / "tokenizer"):
+                if saved.is_dir():
+                    return data.load_tokenizer(str(saved))
         if self.source.has_tokenizer:
             return data.load_tokenizer(str(self.source.local_dir or self.source.name))
         blob = None
@@ -194,6 +207,7 @@ class Trainer:
         self.throughput.reset()
         result: dict = {}
         while self.step < stop:
+            self.fault.step_begins(self.step + 1)  # the hang watchdog's deadline starts
             loss_sum, count, tokens, grad_norm, lr = self.train_step(self.batches.next())
             self.step += 1
             self.sample_index += self.layout.global_batch
@@ -202,30 +216,37 @@ class Trainer:
             if not memory_logged:  # once, after the first step: what each rank really holds
                 memory.log_measured(self.backend, m, self.step)
                 memory_logged = True
+            # True when any rank got SIGTERM/SIGUSR1 (agreed by all); counts non-finite (skipped) steps.
+            preempted = self.fault.step_ends(self.step, grad_norm)
+            save_now = preempted or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+                                     and self.step < stop)
 
-            if self.step % cfg.train.log_every == 0 or self.step == stop:
+            # Checkpoint steps log too, so a checkpoint's token count and the logged losses cover every step.
+            if self.step % cfg.train.log_every == 0 or self.step == stop or save_now:
                 # The one sync point: reduce the window's sums and read them back.
                 dist.all_reduce_sum(window_loss)
                 dist.all_reduce_sum(window_tokens)
                 (loss_total, targets), tok = window_loss.tolist(), float(window_tokens)
                 self.tokens_seen += tok
                 row = {"loss": loss_total / max(targets, 1.0), "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": self.tokens_seen, **self.throughput.read(tok)}
+                       "tokens": self.tokens_seen, **self.fault.log_fields(), **self.throughput.read(tok)}
                 m.log(self.step, row)
                 m.print(f"step {self.step}/{cfg.train.max_steps} | " + _fmt(row))
                 window_loss.zero_(), window_tokens.zero_()
                 result = row
             m.advance(1)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < stop:
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < stop and not preempted:
                 ev = self.evaluate()
                 m.log(self.step, ev)
                 m.print(f"eval at step {self.step}: {_fmt(ev)}")
                 if self.track_best(ev):
                     break
                 self.throughput.reset()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
-                self.save_checkpoint()
+            if save_now:
+                path = self.save_checkpoint()
                 self.throughput.reset()
+                if preempted:  # every rank stops here, at the same step; exit code 75 asks for a requeue
+                    raise self.fault.preempted(self.step, path)
         if self.step < cfg.train.max_steps and not self.best.stopped:
             return self.stop_early(result)
         return self.finish(result)
@@ -234,7 +255,7 @@ class Trainer:
         """One optimizer step. Returns device tensors (summed loss, targets, tokens, grad norm) and the lr."""
         head, backend = self.cfg.model.head, self.backend
         counts = torch.stack([losses.target_count(mb, head) for mb in micro_batches])
-        global_count = dist.all_reduce_sum(counts.sum())
+        global_count = self.fault.all_reduce_count(counts.sum())  # + the preemption flag, same all-reduce
         # Each rank's share of the global mean; DDP/DeepSpeed then average over ranks, hence * world.
         scale = self.env.world_size / global_count.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.env.device)
@@ -243,7 +264,8 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with backend.accumulate(last), backend.autocast():
                 summed = backend.model(**mb)
-            backend.backward(summed * scale, last)
+            # NaN instead of a non-finite loss: the gradient all-reduce then skips this step on every rank.
+            backend.backward(fault.nan_if_nonfinite(summed) * scale, last)
             loss_sum += summed.detach().float()
             tokens += mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
@@ -252,8 +274,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
-        report = evaluation.evaluate_report(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
-                                            self.cfg.train.eval_batches, self.backend.autocast, self.windows)
+        with self.fault.slow_section():
+            report = evaluation.evaluate_report(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
+                                                self.cfg.train.eval_batches, self.backend.autocast, self.windows)
         evaluation.write_report(self.run_dir, self.step, report, self.metrics)
         self.last_eval = report.scalars
         return report.scalars
@@ -295,19 +318,21 @@ class Trainer:
             self.hf_config.to_json_file(d / "config.json")
             self.data.tokenizer.save_pretrained(d / "tokenizer")
 
-        path = self.checkpointer.save(self.step, self.backend, self.trainer_state(), extras)
+        with self.fault.slow_section():
+            path = self.checkpointer.save(self.step, self.backend, self.trainer_state(), extras)
         self.metrics.print(f"checkpoint saved: {path}")
         return path
 
     def export(self, out: Path) -> None:
         """final/ as plain transformers files, then reloaded and checked against the engine's logits."""
-        state = self.backend.full_state_dict()
-        if self.env.is_main:
-            state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
-            checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
-                                 self.data.label_names)
-        dist.barrier()
-        self.verify_export(out)
+        with self.fault.slow_section():  # rank 0 writes while the others wait: start-up-sized limits
+            state = self.backend.full_state_dict()
+            if self.env.is_main:
+                state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
+                checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
+                                     self.data.label_names)
+            dist.barrier()
+            self.verify_export(out)
 
     def verify_export(self, out: Path, atol: float = 1e-4) -> float:
         """Max |logit difference| between the engine's model and `out` reloaded by plain transformers."""
@@ -335,6 +360,7 @@ class Trainer:
     def finish(self, last_row: dict) -> dict:
         m = self.metrics
         self.batches.close()
+        self.fault.loop_done()
         ckpt = self.save_checkpoint()
         final = self.run_dir / "final"
         self.export(final)
@@ -360,6 +386,7 @@ class Trainer:
         """train.stop_at_step: checkpoint and evaluate, so the run can be compared now and continued later."""
         m = self.metrics
         self.batches.close()
+        self.fault.loop_done()
         ckpt = self.save_checkpoint()
         ev = self.evaluate()
         m.log(self.step, ev)
@@ -371,6 +398,7 @@ class Trainer:
         return {"step": self.step, **last_row, **ev, "checkpoint": str(ckpt), "stopped": True}
 
     def close(self) -> None:
+        self.fault.close()
         self.metrics.close()
         self.batches.close()
         self.backend.close()

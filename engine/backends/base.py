@@ -92,7 +92,11 @@ class Backend(ABC):
     def step(self, lr: float, clip: float) -> torch.Tensor:
         """Set the lr (`set_lr`: each param group's `lr_scale` applies), clip to `clip` (0: off), update,
         clear grads; returns the pre-clip global grad norm as a device tensor (reading it is the caller's
-        sync point)."""
+        sync point).
+
+        When that norm is non-finite (NaN/inf anywhere, on any rank: the norm is global) the update is
+        skipped and weights and optimizer state stay exactly as they were (fault.step_unless_nonfinite);
+        fp16 loss scaling backs off instead. The trainer counts the skips from the returned norm."""
 
     # --- state ---------------------------------------------------------------------------------------
     @property
@@ -110,6 +114,18 @@ class Backend(ABC):
     @abstractmethod
     def load(self, path: Path) -> None:
         """Restore what `save` wrote; every rank calls it."""
+
+    def load_resharded(self, path: Path, saved_world_size: int) -> None:
+        """Restore a checkpoint that `saved_world_size` ranks wrote into this job of another size.
+        Backends that keep full replicas read it as usual; sharded ones convert or re-partition."""
+        from engine.errors import UsageError
+
+        raise UsageError(f"the {self.name} backend cannot resume a checkpoint written by {saved_world_size} ranks "
+                         f"on {self.env.world_size}; resume with {saved_world_size} ranks")
+
+    def loss_scale(self) -> float | None:
+        """The current dynamic loss scale (fp16), read at log steps; None without loss scaling."""
+        return None
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -6,6 +6,7 @@ A single process (world=1) uses the same class without the DDP wrapper, so there
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine import fastpath, optim
+from engine import fastpath, fault, optim
 from engine.backends.base import Backend, set_lr, tensor_bytes
 
 
@@ -32,7 +33,8 @@ class DDPBackend(Backend):
         self.optimizer = optim.adamw(param_groups, self.cfg.optim, self.env.device)
         self._params = [p for g in param_groups for p in g["params"]]
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
-        self.scaler = torch.amp.GradScaler(self.env.device.type) if self.cfg.train.precision == "fp16" else None
+        self.scaler = (torch.amp.GradScaler(self.env.device.type, growth_interval=self.cfg.train.loss_scale_window)
+                       if self.cfg.train.precision == "fp16" else None)
         self._first_step_grads: int | None = None
 
     def compile(self) -> None:
@@ -67,11 +69,11 @@ class DDPBackend(Backend):
             self._first_step_grads = tensor_bytes(grads)
         if clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm, foreach=True)
-        if self.scaler:
+        if self.scaler:  # it skips a step with inf/NaN gradients by itself and halves the scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            fault.step_unless_nonfinite(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -109,10 +111,24 @@ class DDPBackend(Backend):
         frozen = {n for n, p in self._module.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return {k: v.detach().contiguous() for k, v in state.items() if k not in frozen}
 
+    def load_resharded(self, path: Path, saved_world_size: int) -> None:
+        self.load(path)  # every rank holds the whole model and optimizer: nothing is sharded
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler else None
+
     def full_state_dict(self):
         if not self.env.is_main:
             return None
         return {k: v.detach().float().cpu() for k, v in self._module.hf.state_dict().items()}
+
+    def close(self) -> None:
+        # The DDP wrapper's reducer holds the process group. Dropped here, before dist.shutdown(), the group
+        # is destroyed (its gloo worker threads joined) while Python is alive; left to interpreter exit, a
+        # worker releasing its last tensor of a finished all-reduce needs the GIL, gets pthread_exit instead,
+        # and the whole process aborts ("terminate called without an active exception") after a good run.
+        self._wrapped = None
+        gc.collect()
 
     def memory_report(self) -> dict[str, int]:
         params = sum(p.numel() * p.element_size() for p in {id(p): p for p in self._module.parameters()}.values())

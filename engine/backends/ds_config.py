@@ -12,6 +12,7 @@ value the engine would use. Anything else is a contradiction reported with both 
     train_batch_size                 train.micro_batch x train.grad_accum x world size
     gradient_clipping                train.clip_grad
     bf16.enabled / fp16.enabled      train.precision
+    fp16.loss_scale_window           train.loss_scale_window
     optimizer.params.{lr,betas,eps,weight_decay}   optim.*   (the section is optional)
 
 `zero_optimization.stage` and the offload devices are shared: "auto" takes `dist.zero_stage` /
@@ -62,7 +63,7 @@ def builtin(stage: int, offload: str = "none") -> dict:
         "gradient_accumulation_steps": AUTO,
         "gradient_clipping": AUTO,
         "bf16": {"enabled": AUTO},
-        "fp16": {"enabled": AUTO, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+        "fp16": {"enabled": AUTO, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": AUTO,
                  "hysteresis": 2, "min_loss_scale": 1},
         "zero_optimization": zero,
     }
@@ -171,6 +172,8 @@ def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved
     precision = fastpath.resolve_precision(t.precision, torch.device("cpu") if t.device == "cpu" else None)
     own("bf16.enabled", precision == "bf16", "train.precision", shown=precision)
     own("fp16.enabled", precision == "fp16", "train.precision", shown=precision)
+    if _get(ds, "fp16") is not _MISSING:
+        own("fp16.loss_scale_window", t.loss_scale_window, "train.loss_scale_window")
 
     stage = _stage(ds, d, label, problems)
     offload = _offload(ds, d, stage, label, problems)

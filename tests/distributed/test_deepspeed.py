@@ -156,12 +156,20 @@ def test_zero_matches_ddp_and_a_single_process(name, runs, single, ddp):
     assert torch.equal(offline.get("lm_head.weight", w["transformer.wte.weight"]), w["transformer.wte.weight"])
 
 
-def test_deepspeed_in_one_process_without_a_launcher(single, corpus, root):
-    """`ftl train --set dist.backend=deepspeed` alone (ZeRO-Offload on one GPU is the common case): the backend
-    makes a process group of one, and the run matches the DDP-path single process."""
+@pytest.fixture(scope="module")
+def one_process(root, corpus) -> Path:
+    """ZeRO-2 + CPU offload in one process without a launcher; it also saves at step 2 (the 1 -> 2 test)."""
     run_dir = root / "one_process_zero2_offload"
     check(run_ftl(["train", "--no-progress", *tiny_overrides(run_dir, **split_overrides(
-        corpus, 8, 1, **{"dist.backend": "deepspeed", "dist.zero_stage": 2, "dist.offload": "cpu"}))]))
+        corpus, 8, 1, **{"dist.backend": "deepspeed", "dist.zero_stage": 2, "dist.offload": "cpu",
+                         "checkpoint.every": 2}))]))
+    return run_dir
+
+
+def test_deepspeed_in_one_process_without_a_launcher(single, one_process):
+    """`ftl train --set dist.backend=deepspeed` alone (ZeRO-Offload on one GPU is the common case): the backend
+    makes a process group of one, and the run matches the DDP-path single process."""
+    run_dir = one_process
     assert train_losses(run_dir) == pytest.approx(train_losses(single), rel=LOSS_RTOL)
     w, rw = final_weights(run_dir), final_weights(single)
     assert max(float((rw[k] - w[k]).abs().max()) for k in rw) < WEIGHT_ATOL
@@ -228,6 +236,62 @@ def test_resume_continues_exactly(name, runs, root, corpus):
     assert later == reference  # bitwise: same partitions, same optimizer state, same data position
     w, rw = final_weights(resumed), final_weights(uninterrupted)
     assert all(torch.equal(w[k], rw[k]) for k in rw)
+
+
+def _resumed_matches(resumed: Path, reference: Path, first: int) -> None:
+    got = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
+    ref = {r["step"]: r["loss"] for r in read_metrics(reference) if "loss" in r}
+    assert sorted(got) == list(range(first, STEPS + 1))
+    assert [got[s] for s in got] == pytest.approx([ref[s] for s in got], rel=LOSS_RTOL)
+    w, rw = final_weights(resumed), final_weights(reference)
+    worst = max(float((rw[k] - w[k]).abs().max()) for k in rw)
+    assert worst < WEIGHT_ATOL, f"{resumed.name}: max weight difference {worst:.3g}"
+    state = json.loads((resumed / "checkpoints" / f"step-{STEPS:06d}" / "trainer_state.json").read_text())
+    assert state["sample_index"] == STEPS * 8  # the data continued from the saved global sample
+    assert not list((resumed / "checkpoints").glob(".universal-*"))  # the conversion's scratch is gone
+
+
+def test_zero3_checkpoint_of_two_ranks_resumes_on_one(runs, single, root, corpus):
+    """World size 2 -> 1 at ZeRO-3: the per-rank partitions go through DeepSpeed's universal checkpoint."""
+    resumed = root / "zero3_two_to_one"
+    proc = check(run_ftl(["train", "--no-progress", *tiny_overrides(resumed, **split_overrides(
+        corpus, 2, 4, **{"dist.backend": "deepspeed", "dist.zero_stage": 3,
+                         "checkpoint.resume": runs("zero3") / "checkpoints" / "step-000002"}))]))
+    assert "resuming a checkpoint written by 2 rank(s) on 1" in proc.stdout
+    _resumed_matches(resumed, runs("zero3"), first=3)
+    _resumed_matches(resumed, single, first=3)
+
+
+def test_one_process_zero2_checkpoint_resumes_on_two_ranks(one_process, single, root, corpus):
+    """World size 1 -> 2 at ZeRO-2 with CPU offload."""
+    resumed = root / "zero2_offload_one_to_two"
+    proc = check(torchrun(2, ["train", "--no-progress", *tiny_overrides(resumed, **split_overrides(
+        corpus, 2, 2, **{"dist.backend": "deepspeed", "dist.zero_stage": 2, "dist.offload": "cpu",
+                         "checkpoint.resume": one_process / "checkpoints" / "step-000002"}))]))
+    assert "resuming a checkpoint written by 1 rank(s) on 2" in proc.stdout
+    _resumed_matches(resumed, one_process, first=3)
+
+
+def test_zero0_skips_a_nan_step_like_ddp(root, corpus):
+    """Stage 0 steps a plain torch optimizer that DeepSpeed does not guard: the engine skips the step."""
+    from engine.backends.deepspeed import full_state_from_checkpoint, safe_load
+
+    run_dir = root / "zero0_nan"
+    check(torchrun(2, ["train", "--no-progress", *tiny_overrides(run_dir, **split_overrides(
+        corpus, 2, 2, **{"dist.backend": "deepspeed", "dist.zero_stage": 0, "checkpoint.every": 1,
+                         "checkpoint.keep": 5}))], FTL_FAULT_INJECT="nan@step=2,rank=1"))
+    ckpt = {s: run_dir / "checkpoints" / f"step-{s:06d}" for s in (1, 2, 3)}
+    weights = {s: full_state_from_checkpoint(p) for s, p in ckpt.items()}
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # skipped: untouched
+    assert not any(torch.equal(weights[2][k], weights[3][k]) for k in ("transformer.wte.weight",))  # trains on
+    moments = {}
+    for s in (1, 2):
+        tag = json.loads((ckpt[s] / "deepspeed" / "layout.json").read_text())["tag"]
+        opt = safe_load(ckpt[s] / "deepspeed" / tag / "mp_rank_00_model_states.pt")["optimizer"]["state"]
+        moments[s] = [t for st in opt.values() for t in st.values()]
+    assert len(moments[1]) > 0 and all(torch.equal(a, b) for a, b in zip(moments[1], moments[2]))
+    rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    assert rows[2]["skipped_steps"] == 1 and "skipped_steps" not in rows[3]
 
 
 @pytest.fixture(scope="module")

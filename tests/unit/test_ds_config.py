@@ -150,3 +150,10 @@ def test_not_json(tmp_path):
     bad.write_text("{'stage': 3,}")
     with pytest.raises(UsageError, match="is not valid JSON"):
         load_config(None, ["dist.backend=deepspeed", f"dist.ds_config={bad}"])
+
+
+def test_fp16_loss_scale_window_follows_the_engine_config(tmp_path):
+    assert resolve(cfg_with(tmp_path, **{"train.loss_scale_window": 250})).ds["fp16"]["loss_scale_window"] == 250
+    assert resolve(cfg_with(tmp_path)).ds["fp16"]["loss_scale_window"] == 1000
+    with pytest.raises(UsageError, match="fp16.loss_scale_window=500 contradicts train.loss_scale_window=250"):
+        cfg_with(tmp_path, {"fp16": {"loss_scale_window": 500}}, **{"train.loss_scale_window": 250})

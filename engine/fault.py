@@ -1,0 +1,465 @@
+"""Fault tolerance while a run is going: preemption signals, the per-step guard, the hang watchdog,
+collective timeouts, and fault injection for tests.
+
+Preemption. SIGTERM and SIGUSR1 (what SLURM sends with `--signal`, what torchrun forwards) only set a
+flag. Every step already all-reduces its global target count before the first backward; the flag
+rides in that same all-reduce as a second element, so every rank learns at the same step whether ANY
+rank was signalled, without an extra collective. The run then saves a checkpoint at that step's end
+and stops with exit code 75 (errors.EXIT_PREEMPTED). A second signal only sets the flag again: the
+save is never interrupted.
+
+Reading a device value back is a host sync. On CPU it costs nothing (the work has already run), so the
+guard reads the step's status at its end. On CUDA it reads the PREVIOUS step's status, copied to pinned
+memory without blocking and finished long before: a preemption or a non-finite streak is acted on one
+step later, and the device never waits for the host. Every rank reads the same step's value at the same
+boundary, so they still agree.
+
+Non-finite guard. A step whose loss or gradient norm is NaN/inf on any rank is skipped on every rank: a
+non-finite local loss is turned into NaN gradients (`nan_if_nonfinite`), the backend's own gradient
+all-reduce carries them to every rank, so the global gradient norm (identical everywhere) is non-finite
+everywhere, and the backend's step leaves weights and optimizer state untouched (`step_unless_nonfinite`).
+After `train.max_bad_steps` consecutive skips the run stops with exit code 3.
+
+Hangs. Collective timeouts are `dist.timeout_s` until the first step has completed (start-up, data,
+compilation), then `dist.step_timeout_s`, and `dist.timeout_s` again inside evaluation and checkpoint
+saves. A watchdog thread gives each step `dist.watchdog_s` (the first one `dist.timeout_s`); past it, the
+rank writes every thread's stack to `<run dir>/hang-rank<R>.txt` and exits with code 4.
+
+Fault injection, for tests and drills only, inert unless the environment variable is set:
+
+    FTL_FAULT_INJECT="kind@step=N,rank=R[,attempt=A][,seconds=S];kind@..."
+
+    crash            the rank kills itself (SIGKILL) as step N starts: a lost process or node
+    nan              the rank's loss of step N is NaN
+    skip_collective  the rank never enters step N's first collective (it stalls there, ignoring
+                     signals), so its peers wait in it: what a rank that skips a collective looks like
+                     to the others (gloo would abort on the mismatched NEXT collective; NCCL hangs)
+    hang_save        the rank stops inside the save of step N, after writing its files and before the
+                     checkpoint is complete (until killed)
+    slow_save        the same, but it goes on after S seconds (default 3)
+
+`rank` and `step` default to every rank / step; `attempt` (default 0) is torchrun's restart count, so an
+injected crash does not repeat after an elastic restart. Each injection prints `FTL_FAULT <kind> ...`
+to stderr as it fires, which tests wait for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import dist
+from engine.errors import EXIT_HUNG, Diverged, Preempted, UsageError
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPTED_MARKER = "PREEMPTED"  # in the run directory while the latest stop was a preemption (for `ftl launch`)
+
+
+# ------------------------------------------------------------------------------------------- signals
+
+class PreemptionSignals:
+    """SIGTERM/SIGUSR1 set a flag instead of killing the process; `restore()` puts the old handlers back."""
+
+    def __init__(self):
+        self.received: str | None = None  # name of the first signal
+        self.count = 0
+        self._previous: dict = {}
+
+    def install(self) -> "PreemptionSignals":
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            for name in PREEMPT_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        # Nothing else happens here: the save runs at the next step boundary, and a second signal
+        # arriving during that save changes nothing.
+        self.count += 1
+        self.received = self.received or signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ----------------------------------------------------------------------------------- non-finite guard
+
+def nan_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged (times exactly 1.0) when finite, else NaN, so that its backward fills the
+    gradients with NaN and the backend's gradient all-reduce tells every rank. No host sync."""
+    return loss * torch.where(torch.isfinite(loss), 1.0, math.nan)
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+    """optimizer.step(), unless the global gradient norm is non-finite: then weights and optimizer
+    state (moments, step count) stay exactly as they were."""
+    with updates_only_if_finite(optimizer, grad_norm):
+        optimizer.step()
+
+
+@contextlib.contextmanager
+def updates_only_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor):
+    """Inside this block, `optimizer.step()` leaves everything untouched when `grad_norm` is non-finite
+    (for steps a library drives, e.g. DeepSpeed's engine.step()).
+
+    Fused Adam/AdamW decide on the device (their `found_inf` input, what GradScaler uses), so the step
+    adds no host sync. Other optimizers read the flag back: free on CPU, one sync per step on GPU."""
+    bad = (~torch.isfinite(torch.as_tensor(grad_norm))).to(torch.float32)
+    if all(g.get("fused") for g in optimizer.param_groups):
+        optimizer.found_inf = bad
+        try:
+            yield
+        finally:
+            del optimizer.found_inf
+    elif bool(bad):
+        optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadowing the method
+        try:
+            yield
+        finally:
+            del optimizer.step
+    else:
+        yield
+
+
+# ------------------------------------------------------------------------------------------ watchdog
+
+def format_stacks(note: str = "") -> str:
+    """Every thread's Python stack, named, for a hang report."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    parts = [note] if note else []
+    for ident, frame in sys._current_frames().items():
+        who = "this watchdog" if ident == me else names.get(ident, "unknown")
+        parts.append(f"--- thread {who!r} (ident {ident})\n" + "".join(traceback.format_stack(frame)))
+    return "\n".join(parts)
+
+
+class Watchdog:
+    """A daemon thread that ends this rank when a step runs past its deadline, after writing every
+    thread's stack to `<run dir>/hang-rank<R>.txt`. The loop only assigns a number per step."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, poll_s: float):
+        self.path = Path(run_dir) / f"hang-rank{rank}.txt"
+        self.rank, self.world, self.poll_s = rank, world, poll_s
+        self._deadline: float | None = None
+        self._step, self._limit, self._started = 0, 0.0, 0.0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ftl-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, step: int, seconds: float) -> None:
+        now = time.monotonic()
+        self._step, self._limit, self._started = step, seconds, now
+        self._deadline = now + seconds
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    @property
+    def armed(self) -> bool:
+        return self._deadline is not None
+
+    def close(self) -> None:
+        self._deadline = None
+        self._closed.set()
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.poll_s):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._fire()
+
+    def _fire(self) -> None:
+        ran = time.monotonic() - self._started
+        note = (f"ftl watchdog: rank {self.rank} of {self.world}, step {self._step} ran {ran:.1f} s, past its "
+                f"deadline of {self._limit:g} s (dist.watchdog_s / dist.timeout_s).\n"
+                f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}, pid {os.getpid()}\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a node that does not share the run directory
+            self.path.write_text(format_stacks(note), encoding="utf-8")
+            where = str(self.path)
+        except OSError as e:
+            where = f"(could not write {self.path}: {e})"
+        print(f"error: rank {self.rank}: step {self._step} exceeded its deadline of {self._limit:g} s; every "
+              f"thread's stack is in {where}; exiting with code {EXIT_HUNG}", file=sys.stderr, flush=True)
+        os._exit(EXIT_HUNG)  # the main thread is stuck: only a hard exit ends the process
+
+
+# ------------------------------------------------------------------------------------ fault injection
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int | None = None
+    rank: int | None = None
+    attempt: int = 0
+    seconds: float = 3.0
+
+
+FAULT_KINDS = ("crash", "nan", "skip_collective", "hang_save", "slow_save")
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    faults, problems = [], []
+    for item in filter(None, (p.strip() for p in spec.split(";"))):
+        kind, _, args = item.partition("@")
+        if kind not in FAULT_KINDS:
+            problems.append(f"FTL_FAULT_INJECT: unknown fault {kind!r} (known: {', '.join(FAULT_KINDS)})")
+            continue
+        kw: dict = {}
+        for arg in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, value = arg.partition("=")
+            try:
+                if not eq or key not in ("step", "rank", "attempt", "seconds"):
+                    raise ValueError
+                kw[key] = float(value) if key == "seconds" else int(value)
+            except ValueError:
+                problems.append(f"FTL_FAULT_INJECT: {arg!r} in {item!r} must be step=N, rank=R, attempt=A or seconds=S")
+        faults.append(Fault(kind, **kw))
+    if problems:
+        raise UsageError(problems)
+    return faults
+
+
+_parsed: tuple[str, list[Fault]] = ("", [])
+
+
+def planned(kind: str, step: int, rank: int) -> Fault | None:
+    """The injected fault of `kind` for this step and rank, if FTL_FAULT_INJECT asks for one."""
+    global _parsed
+    spec = os.environ.get("FTL_FAULT_INJECT", "")
+    if not spec:
+        return None
+    if _parsed[0] != spec:
+        _parsed = (spec, parse_faults(spec))
+    for f in _parsed[1]:
+        if (f.kind == kind and f.step in (None, step) and f.rank in (None, rank)
+                and f.attempt == dist.restart_count()):
+            return f
+    return None
+
+
+def _announce(kind: str, step: int, rank: int) -> None:
+    print(f"FTL_FAULT {kind} rank {rank} step {step}", file=sys.stderr, flush=True)
+
+
+def _stall() -> None:
+    while True:  # a stuck rank: signals only set flags, only the watchdog or SIGKILL ends this
+        time.sleep(0.2)
+
+
+def inject_in_save(step: int, rank: int) -> None:
+    """Called by every rank inside a checkpoint save, after its files are written, before COMPLETE."""
+    for kind in ("hang_save", "slow_save"):
+        f = planned(kind, step, rank)
+        if f is not None:
+            _announce(kind, step, rank)
+            if kind == "hang_save":
+                _stall()
+            time.sleep(f.seconds)
+
+
+# ------------------------------------------------------------------------------- the per-run object
+
+class FaultTolerance:
+    """What the training loop calls at each step boundary (see the module docstring)."""
+
+    def __init__(self, cfg, env: dist.DistEnv, run_dir: Path, backend, print_fn=print):
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        self.print = print_fn
+        self.loss_scale = backend.loss_scale
+        self.step = 0
+        self.signals = PreemptionSignals().install()
+        dev = env.device
+        self._flag = torch.zeros((), device=dev)  # this rank's stop request, as sent
+        self._stop = torch.zeros((), device=dev)  # ranks that requested a stop, as agreed
+        self._streak = torch.zeros((), device=dev)  # consecutive non-finite steps
+        self._skipped = torch.zeros((), device=dev)  # skipped steps since the last log
+        self._deferred = dev.type == "cuda"
+        if self._deferred:
+            self._host = [torch.zeros(3, pin_memory=True) for _ in range(2)]
+            self._pending: tuple | None = None
+        self._tight = False  # the first step has completed: step-sized timeouts from now on
+        self._slow_depth = 0
+        self.watchdog = None
+        if cfg.dist.watchdog_s:
+            self.watchdog = Watchdog(self.run_dir, env.rank, env.world_size,
+                                     poll_s=min(1.0, max(0.05, cfg.dist.watchdog_s / 10)))
+        if env.is_main:
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            if dist.elastic_store_problem() and dist.restart_count() == 0:
+                print(f"warning: {dist.elastic_store_problem()}", file=sys.stderr, flush=True)
+        if os.environ.get("FTL_FAULT_INJECT"):
+            parse_faults(os.environ["FTL_FAULT_INJECT"])  # a typo fails now, not at step N
+            backend.module.register_forward_hook(self._inject_nan)
+
+    # --- the step ----------------------------------------------------------------------------------
+    def step_begins(self, step: int) -> None:
+        self.step = step
+        if planned("crash", step, self.env.rank):
+            _announce("crash", step, self.env.rank)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.watchdog:
+            self.watchdog.arm(step, self._step_limit())
+
+    def all_reduce_count(self, count: torch.Tensor) -> torch.Tensor:
+        """The step's global target count; every rank's stop request travels in the same all-reduce."""
+        self._flag.fill_(1.0 if self.signals.received else 0.0)  # a kernel argument: no host sync
+        packed = torch.stack([count, self._flag])
+        if planned("skip_collective", self.step, self.env.rank):
+            _announce("skip_collective", self.step, self.env.rank)
+            _stall()
+        dist.all_reduce_sum(packed)
+        self._stop = packed[1]
+        return packed[0]
+
+    def step_ends(self, step: int, grad_norm: torch.Tensor) -> bool:
+        """Book-keeping after the optimizer step; True when every rank must save and stop now.
+        Raises Diverged after train.max_bad_steps consecutive non-finite steps."""
+        bad = (~torch.isfinite(torch.as_tensor(grad_norm, device=self._streak.device))).to(self._streak.dtype)
+        self._streak.add_(1.0).mul_(bad)
+        self._skipped.add_(bad)
+        status = torch.stack([self._stop, bad, self._streak])
+        if not self._tight:
+            self._tight = True
+            if self._slow_depth == 0:
+                dist.set_timeout(self.cfg.dist.step_timeout_s)
+        if self._deferred:
+            buf = self._host[step % 2]
+            buf.copy_(status, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            ready, self._pending = self._pending, (step, buf, event)
+            if ready is None:
+                return False
+            at, buf, event = ready
+            event.synchronize()  # the previous step's copy: long done
+            stop, was_bad, streak = buf.tolist()
+        else:
+            at = step
+            stop, was_bad, streak = status.tolist()
+        if was_bad:
+            self.print(f"step {at}: non-finite loss or gradient norm on at least one rank; update skipped "
+                       f"({int(streak)} in a row, train.max_bad_steps={self.cfg.train.max_bad_steps})")
+            if streak >= self.cfg.train.max_bad_steps:
+                first = at - int(streak) + 1
+                raise Diverged(
+                    f"steps {first}-{at}: {int(streak)} consecutive steps had a non-finite loss or gradient norm "
+                    f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); each was skipped, so the weights are "
+                    f"those after step {first - 1}. Lower optim.lr or train.clip_grad, check the data around "
+                    f"step {first}, or raise train.max_bad_steps")
+        return stop > 0
+
+    def log_fields(self) -> dict:
+        """Extra metrics for a log row (read at log steps only)."""
+        out: dict = {}
+        skipped = int(self._skipped.item())
+        if skipped:
+            out["skipped_steps"] = skipped
+            self._skipped.zero_()
+        scale = self.loss_scale()
+        if scale is not None:
+            out["loss_scale"] = scale
+        return out
+
+    # --- slow sections and the end ----------------------------------------------------------------
+    def _step_limit(self) -> float:
+        return self.cfg.dist.watchdog_s if self._tight else self.cfg.dist.timeout_s
+
+    @contextlib.contextmanager
+    def slow_section(self):
+        """Evaluation and checkpoint saves: ranks may wait long on each other (disk, a big gather), so
+        they get the start-up timeout and deadline."""
+        self._slow_depth += 1
+        watched = bool(self.watchdog and self.watchdog.armed)  # only inside the loop: never outside it
+        if self._slow_depth == 1:
+            if self._tight:
+                dist.set_timeout(self.cfg.dist.timeout_s)
+            if watched:
+                self.watchdog.arm(self.step, self.cfg.dist.timeout_s)
+        try:
+            yield
+        finally:
+            self._slow_depth -= 1
+            if self._slow_depth == 0:
+                if self._tight:
+                    dist.set_timeout(self.cfg.dist.step_timeout_s)
+                if watched:
+                    self.watchdog.arm(self.step, self._step_limit())
+
+    def loop_done(self) -> None:
+        """After the last step: the final save, export and evaluation get start-up-sized limits."""
+        self._slow_depth += 1
+        if self.watchdog:
+            self.watchdog.disarm()
+        if self._tight:
+            dist.set_timeout(self.cfg.dist.timeout_s)
+
+    def preempted(self, step: int, checkpoint: Path) -> Preempted:
+        """The exception that ends a preempted run, after its checkpoint is saved (rank 0 leaves a
+        marker that `ftl launch` turns into exit code 75 when torchrun cannot pass it through)."""
+        why = f"{self.signals.received} received" if self.signals.received else "a signal on another rank"
+        if self.env.is_main:
+            marker = {"step": step, "checkpoint": str(checkpoint), "signal": self.signals.received,
+                      "time": time.time()}
+            (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        return Preempted(f"preempted ({why}): checkpoint {checkpoint} saved at step {step}; exiting with code "
+                         f"{Preempted.exit_code} so the job can be requeued (it resumes from there by itself)")
+
+    def close(self) -> None:
+        self.signals.restore()
+        if self.watchdog:
+            self.watchdog.close()
+
+    # --- injection ---------------------------------------------------------------------------------
+    def _inject_nan(self, module, args, output):
+        if module.training and planned("nan", self.step, self.env.rank):
+            _announce("nan", self.step, self.env.rank)
+            return output * math.nan
+        return output
+
+
+# ----------------------------------------------------------------------------------------- launcher
+
+def launch_and_wait(cmd: list[str], run_dir: Path, env: dict | None = None) -> int:
+    """Run the launcher command (torchrun) for `ftl launch`, passing preemption signals on, and return
+    its exit code, or 75 when the workers stopped on a preemption signal after saving.
+
+    torchrun exits 1 when it is itself signalled (or when a worker exits non-zero), whatever the
+    workers' codes; the marker that rank 0 writes next to the checkpoint carries the preemption."""
+    import subprocess
+
+    marker = Path(run_dir) / PREEMPTED_MARKER
+    marker.unlink(missing_ok=True)
+    started = time.time()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    forward = lambda signum, frame: proc.send_signal(signum)
+    previous = {}
+    for name in (*PREEMPT_SIGNALS, "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, forward)
+    # Ctrl-C reaches torchrun directly (same process group): wait for its orderly shutdown.
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if rc != 0 and marker.is_file() and marker.stat().st_mtime >= started - 1:
+        return Preempted.exit_code
+    return rc
