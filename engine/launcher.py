@@ -115,6 +115,11 @@ class LaunchPlan:
             return p
         if self.max_restarts:
             p.append("--max-restarts is a torchrun feature; the deepspeed launcher does not restart ranks")
+        if self.rdzv_id:
+            p.append("--rdzv-id is a torchrun option (deepspeed needs only --rdzv-endpoint)")
+        visible = _visible_gpus()
+        if self.mode == "local" and visible and self.nproc_per_node and self.nproc_per_node > len(visible):
+            p.append(f"--nproc-per-node {self.nproc} but CUDA_VISIBLE_DEVICES lists {len(visible)} GPUs")
         if self.hosts and self.hostfile:
             p.append("give either --hosts or --hostfile, not both")
         if self.hostfile:
@@ -204,7 +209,10 @@ class LaunchPlan:
         else:
             host, port = None, 29500  # ssh mode: a port on the first host, deepspeed's default
         if mode == "local":
-            args = [f"--num_gpus={self.nproc}", f"--master_port={port}"]
+            # With CUDA_VISIBLE_DEVICES set (SLURM sets it to the job's GPUs) deepspeed uses exactly those,
+            # unless --num_gpus is given: then it takes GPUs 0..N-1, on a shared node maybe another job's.
+            # So no --num_gpus there; env() narrows the variable to the first N when fewer ranks are asked.
+            args = ([] if _visible_gpus() else [f"--num_gpus={self.nproc}"]) + [f"--master_port={port}"]
         else:
             args = [f"--hostfile={self.hostfile_path()}"]
             if mode == "per-node":
@@ -221,6 +229,9 @@ class LaunchPlan:
             add["OMP_NUM_THREADS"] = str(max(1, available_cpus() // max(1, self.nproc)))
         if self.launcher == "deepspeed" and "DS_ACCELERATOR" not in os.environ and not _cuda():
             add["DS_ACCELERATOR"] = "cpu"  # else the launcher warns while it counts devices
+        visible = _visible_gpus()
+        if self.launcher == "deepspeed" and self.mode == "local" and len(visible) > self.nproc:
+            add["CUDA_VISIBLE_DEVICES"] = ",".join(visible[:self.nproc])
         return add
 
     def render(self, master_port: int | None = None) -> str:
@@ -233,6 +244,10 @@ class LaunchPlan:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env().items())
         lines.append((env + " " if env else "") + shlex.join(self.command(master_port)))
         return "\n".join(lines)
+
+
+def _visible_gpus() -> list[str]:
+    return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
 
 
 def _cuda() -> bool:

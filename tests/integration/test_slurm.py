@@ -6,20 +6,28 @@ one CPU and one rank each:
   B  the same job, sent the preemption signal mid-run (`scancel --batch --signal=USR1`, what
      `--signal=B:USR1@N` and preemption deliver): checkpoints, exits 75, is requeued under the same
      job id, resumes, completes with A's losses.
-  D  train_deepspeed.sbatch, the same training through the deepspeed launcher (hostfile, --no_ssh).
-  S  sweep.sbatch, an array of 2 trials: 2 run directories.
+  R  train.sbatch with a stand-in rank (FTL_PYTHON runs a script that saves on USR1 and exits 75): the
+     script's own part of preemption (pass USR1 to the step, requeue on 75, append to the log).
+  S  sweep.sbatch, an array of 2 trials (micro batch 2 and 4): 2 run directories.
+  D  train_deepspeed.sbatch (hostfile from the node list, --no_ssh, --node-rank): the losses of S's
+     trial 1, trained the same way through torchrun.
+  E  `srun` starting 2 ranks itself, no torchrun (engine.dist reads SLURM_PROCID etc.) on micro batch 2:
+     the losses of S's trial 1, the same global batch in one process.
 """
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import check, read_metrics, run_ftl, tiny_overrides, train_losses
+from tests.conftest import check, env_for_subprocess, read_metrics, run_ftl, tiny_overrides, train_losses
 
 
 def _cluster_problem() -> str | None:
@@ -38,8 +46,9 @@ PROBLEM = _cluster_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
 # Long enough (a few seconds of steps) to be signalled mid-run, small enough for CI.
-PREEMPTIBLE = {"model.name": "gpt2-mini", "data.seq_len": 64, "train.micro_batch": 8, "train.max_steps": 80,
+PREEMPTIBLE = {"model.name": "gpt2-mini", "data.seq_len": 64, "train.micro_batch": 8, "train.max_steps": 60,
                "train.sample_tokens": 0}
+TINY = {"train.sample_tokens": 0}  # 6 steps of gpt2-tiny
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE",
                 "BOOT_FAIL"}
 
@@ -100,6 +109,73 @@ def submit(tmp_path: Path, name: str, overrides: dict, *options: str, **env) -> 
     return job_id, run_dir
 
 
+STAND_IN_RANK = """
+import os, signal, sys, time
+run_dir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("run.dir=")][-1]
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+if restart != "0":
+    open(os.path.join(run_dir, "resumed"), "w").write(restart)
+    sys.exit(0)
+got = []
+signal.signal(signal.SIGUSR1, lambda n, f: got.append(n))
+open(os.path.join(run_dir, "ready"), "w").close()
+end = time.time() + 120
+while not got and time.time() < end:
+    time.sleep(0.05)
+time.sleep(0.5)  # "saving"
+open(os.path.join(run_dir, "saved"), "w").write(str(len(got)))
+sys.exit(75 if got else 3)
+"""
+
+
+def stand_in_python(tmp_path: Path) -> Path:
+    """An FTL_PYTHON for the job script that runs a stand-in rank instead of `-m engine.cli launch ...`."""
+    (tmp_path / "rank.py").write_text(STAND_IN_RANK)
+    fake = tmp_path / "python-stand-in"
+    fake.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'rank.py'))} \"$@\"\n")
+    fake.chmod(0o755)
+    return fake
+
+
+class Preemptor(threading.Thread):
+    """Sends `scancel --batch --signal=USR1` (what --signal=B:USR1@N and preemption deliver) once the
+    job is RUNNING and `ready()` (its ranks train, with their signal handlers installed)."""
+
+    def __init__(self, job_id: str, ready, timeout: float = 240):
+        super().__init__(daemon=True)
+        self.job_id, self.ready, self.timeout = job_id, ready, timeout
+        self.error: str | None = "not signalled yet"
+        self.start()
+
+    def run(self) -> None:
+        end = time.monotonic() + self.timeout
+        while time.monotonic() < end:
+            if self.ready() and live_states(self.job_id) == ["RUNNING"]:
+                p = subprocess.run(["scancel", "--batch", "--signal=USR1", self.job_id], capture_output=True,
+                                   text=True, timeout=30)
+                self.error = None if p.returncode == 0 else f"scancel failed: {p.stderr}"
+                return
+            time.sleep(0.1)
+        self.error = f"job {self.job_id} was not ready within {self.timeout} s"
+
+    def outcome(self) -> str | None:
+        self.join(self.timeout + 60)
+        return self.error
+
+
+def submit_srun(tmp_path: Path, name: str, overrides: dict) -> tuple[str, Path]:
+    """2 tasks on the node, `srun` starting each rank (`ftl train`) itself."""
+    run_dir = tmp_path / name
+    (run_dir / "slurm").mkdir(parents=True)
+    train = [sys.executable, "-m", "engine.cli", "train", "--no-progress", *tiny_overrides(run_dir, **overrides)]
+    proc = subprocess.run(["sbatch", "--parsable", "-J", f"ftl-test-{name}-{tmp_path.name[-6:]}", "-n", "2",
+                           "--cpus-per-task=1", "--time=10", "-o", str(run_dir / "slurm" / "%x-%j.out"),
+                           "--wrap", "srun --kill-on-bad-exit=1 " + shlex.join(train)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, env=env_for_subprocess())
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0], run_dir
+
+
 def log_text(run_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("*.out")))
 
@@ -113,12 +189,19 @@ def jobs(tmp_path_factory):
     try:
         submitted["B"] = submit(tmp, "preempted", PREEMPTIBLE)
         submitted["A"] = submit(tmp, "uninterrupted", PREEMPTIBLE)
+        submitted["R"] = submit(tmp, "standin", TINY, FTL_PYTHON=str(stand_in_python(tmp)))
+        submitted["S"] = submit(tmp, "sweep", TINY, "--grid", "train.micro_batch=2,4")
         # FTL_RDZV_HOST: take the multi-node code path (hostfile, --no_ssh, --node-rank) on this one node
-        submitted["D"] = submit(tmp, "deepspeed", PREEMPTIBLE, "--launcher", "deepspeed", FTL_RDZV_HOST="localhost")
-        submitted["S"] = submit(tmp, "sweep", {"train.sample_tokens": 0}, "--grid", "train.micro_batch=2,4")
+        submitted["D"] = submit(tmp, "deepspeed", {**TINY, "train.micro_batch": 4}, "--launcher", "deepspeed",
+                                FTL_RDZV_HOST="localhost")
+        submitted["E"] = submit_srun(tmp, "srun", {**TINY, "train.micro_batch": 2})
+        # Signal B and R as soon as they are ready, whatever order the tests run in.
+        b_dir, r_dir = submitted["B"][1], submitted["R"][1]
+        submitted["preempt"] = {"B": Preemptor(submitted["B"][0], lambda: _training(b_dir, min_step=2)),
+                                "R": Preemptor(submitted["R"][0], lambda: (r_dir / "ready").exists())}
         yield submitted
     finally:
-        ids = [job_id for job_id, _ in submitted.values()]
+        ids = [v[0] for k, v in submitted.items() if k != "preempt"]
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
 
@@ -127,14 +210,7 @@ def jobs(tmp_path_factory):
                                         "built on branch issue-4-fault-tolerance, not merged into main yet")
 def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_one(jobs):
     job_id, run_dir = jobs["B"]
-    # Signal only a RUNNING job whose ranks are training (their handler is installed by then).
-    end = time.monotonic() + 240
-    while not any(r.get("step", 0) >= 2 and "loss" in r for r in _rows(run_dir)):
-        assert time.monotonic() < end, f"job {job_id} never started training:\n{log_text(run_dir)}"
-        time.sleep(0.1)
-    assert live_states(job_id) == ["RUNNING"]
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
-
+    assert jobs["preempt"]["B"].outcome() is None, (jobs["preempt"]["B"].outcome(), log_text(run_dir))
     runs = wait_final(job_id)
     log = log_text(run_dir)
     states = [r["JobState"] for r in runs]
@@ -148,6 +224,19 @@ def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_one(jo
     _, reference = jobs["A"]
     wait_final(jobs["A"][0])
     assert _losses_by_step(run_dir) == pytest.approx(_losses_by_step(reference), rel=1e-6)
+
+
+def test_job_script_passes_usr1_to_the_step_and_requeues_on_exit_75(jobs):
+    job_id, run_dir = jobs["R"]
+    assert jobs["preempt"]["R"].outcome() is None, (jobs["preempt"]["R"].outcome(), log_text(run_dir))
+    runs = wait_final(job_id)
+    log = log_text(run_dir)
+    assert [r["JobState"] for r in runs][1:] == ["COMPLETED"] and runs[0]["JobState"] in ("PENDING", "FAILED"), log
+    assert (run_dir / "saved").read_text() == "1"  # the rank got USR1 exactly once
+    assert (run_dir / "resumed").read_text() == "1"  # the requeued run: same job id, SLURM_RESTART_COUNT=1
+    first, second = log.index("SIGUSR1: the ranks save"), log.index("start (restart 1)")
+    assert first < log.index("step exit 75: requeueing") < second  # one log, appended across runs
+    assert log.rstrip().endswith("step exit 0")
 
 
 def test_job_runs_to_completed_and_exports_final(jobs):
@@ -171,8 +260,7 @@ def test_deepspeed_template_trains_the_same(jobs):
     assert [r["JobState"] for r in runs] == ["COMPLETED"], log
     assert "deepspeed.launcher.runner --hostfile=" in log and "--no_ssh --node_rank=0" in log, log
     assert "localhost slots=1" in log  # hostfile generated from the job's node list
-    wait_final(jobs["A"][0])
-    assert _losses_by_step(run_dir) == pytest.approx(_losses_by_step(jobs["A"][1]), rel=1e-6)
+    assert train_losses(run_dir) == train_losses(_trial_1(jobs))  # one process, same config: bitwise
 
 
 def test_array_job_trains_each_trial_in_its_own_run_directory(jobs):
@@ -189,11 +277,28 @@ def test_array_job_trains_each_trial_in_its_own_run_directory(jobs):
     assert (sweep_dir / "grid.txt").read_text() == "train.micro_batch=2\ntrain.micro_batch=4\n"
 
 
-def _rows(run_dir: Path) -> list[dict]:
+def test_srun_without_torchrun_trains_two_ranks(jobs):
+    job_id, run_dir = jobs["E"]
+    runs = wait_final(job_id)
+    log = log_text(run_dir)
+    assert [r["JobState"] for r in runs] == ["COMPLETED"], log
+    assert "backend ddp x2" in log and "global batch 4 = 2 ranks x 2 x 1 accum" in log, log
+    # 2 ranks x micro batch 2 vs one process x micro batch 4: the same global batch
+    assert train_losses(run_dir) == pytest.approx(train_losses(_trial_1(jobs)), rel=1e-5)
+
+
+def _trial_1(jobs) -> Path:
+    array_id, sweep_dir = jobs["S"]
+    runs = wait_final(array_id, n_finished=2, ArrayJobId=array_id)
+    assert all(r["JobState"] == "COMPLETED" for r in runs), log_text(sweep_dir)
+    return sweep_dir / "trial-001"
+
+
+def _training(run_dir: Path, min_step: int) -> bool:
     try:
-        return read_metrics(run_dir)
+        return any(r.get("step", 0) >= min_step and "loss" in r for r in read_metrics(run_dir))
     except (FileNotFoundError, json.JSONDecodeError):
-        return []
+        return False
 
 
 def _losses_by_step(run_dir: Path) -> list[float]:

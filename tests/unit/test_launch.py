@@ -65,6 +65,17 @@ def test_dry_run_deepspeed_one_node(capsys):
                         + re.escape(" --no_local_rank --module engine.cli train") + "\n", out)
 
 
+def test_deepspeed_keeps_the_gpus_slurm_gave(monkeypatch):
+    # deepspeed --num_gpus N would take GPUs 0..N-1; without it, it keeps CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = LaunchPlan([], 2, "deepspeed", rdzv_endpoint="127.0.0.1:29500")
+    assert plan.render() == (f"CUDA_VISIBLE_DEVICES=4,5 {PY} -m deepspeed.launcher.runner --master_port=29500 "
+                             "--no_local_rank --module engine.cli train")
+    assert "CUDA_VISIBLE_DEVICES" not in LaunchPlan([], 4, "deepspeed").env()
+    assert LaunchPlan([], 8, "deepspeed").problems() == ["--nproc-per-node 8 but CUDA_VISIBLE_DEVICES lists 4 GPUs"]
+
+
 def test_dry_run_deepspeed_hostfile_per_node(capsys):
     out = ftl(capsys, "launch", "--launcher", "deepspeed", "--nnodes", 2, "--node-rank", 1, "--nproc-per-node", 4,
               "--rdzv-endpoint", "10.0.0.1:29400", "--hosts", "gpu01,gpu02", "--dry-run", "--set", "train.max_steps=3")
