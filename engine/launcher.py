@@ -35,6 +35,11 @@ from engine.errors import EXIT_PREEMPTED
 LAUNCHERS = ("torchrun", "deepspeed")
 # Signals that mean "save a checkpoint and stop" to the engine's ranks (and to SLURM job scripts).
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
+# In the printed torchrun command, so that a copy run as plain torchrun also passes SIGUSR1 on and gives
+# the ranks 300 s to save before SIGKILL (torch >= 2.8). `ftl launch` itself handles SIGTERM/SIGUSR1
+# without shutting down (run_torchrun); the timeout still bounds its stop after Ctrl-C or a failure.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 300
 
 
 def default_nproc() -> int:
@@ -198,7 +203,7 @@ class LaunchPlan:
             args.append("--standalone")  # a free port: jobs sharing a node cannot collide
         if self.max_restarts:
             args.append(f"--max-restarts={self.max_restarts}")
-        return args + ["-m", "engine.cli", "train", *self.train_args]
+        return args + preemption_flags() + ["-m", "engine.cli", "train", *self.train_args]
 
     def deepspeed_args(self, master_port: int | None = None) -> list[str]:
         mode = self.mode
@@ -227,6 +232,10 @@ class LaunchPlan:
         if "OMP_NUM_THREADS" not in os.environ:
             # Share this node's CPUs between its ranks (torchrun would say 1; the deepspeed launcher nothing).
             add["OMP_NUM_THREADS"] = str(max(1, available_cpus() // max(1, self.nproc)))
+        if self.launcher == "torchrun" and self.max_restarts and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
+            # With restarts, a rendezvous store shared with the ranks hands restarted ranks the previous
+            # attempt's keys, and process-group init hangs or fails (pytorch#135712).
+            add["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         if self.launcher == "deepspeed" and "DS_ACCELERATOR" not in os.environ and not _cuda():
             add["DS_ACCELERATOR"] = "cpu"  # else the launcher warns while it counts devices
         visible = _visible_gpus()
@@ -244,6 +253,29 @@ class LaunchPlan:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env().items())
         lines.append((env + " " if env else "") + shlex.join(self.command(master_port)))
         return "\n".join(lines)
+
+
+def preemption_flags() -> list[str]:
+    """--signals-to-handle/--shutdown-timeout where this torch's torchrun has them."""
+    try:
+        from torch.distributed.launcher.api import LaunchConfig
+    except ImportError:
+        return []
+    fields = getattr(LaunchConfig, "__dataclass_fields__", {})
+    flags = [f"--signals-to-handle={FORWARDED_SIGNALS}"] if "signals_to_handle" in fields else []
+    return flags + ([f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"] if "shutdown_timeout" in fields else [])
+
+
+def torchrun_command(nproc_per_node: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0,
+                     rdzv_endpoint: str | None = None, max_restarts: int = 0, python: str | None = None) -> list[str]:
+    """The torchrun command line for these arguments (the foundation's API; `LaunchPlan` does the work)."""
+    return LaunchPlan(list(train_args), nproc_per_node, "torchrun", nnodes, None, rdzv_endpoint,
+                      max_restarts=max_restarts, python=python or sys.executable).command()
+
+
+def launcher_env(max_restarts: int = 0) -> dict[str, str]:
+    """What torchrun's own environment needs for these arguments (see LaunchPlan.env)."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if max_restarts else {}
 
 
 def _visible_gpus() -> list[str]:
@@ -327,8 +359,10 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torch_run.parse_args(torchrun_args)
-    # SIGTERM and SIGUSR1 are ours (relayed, keep waiting); torch keeps its handling of the others.
-    args.signals_to_handle = "SIGINT,SIGHUP,SIGQUIT"
+    # SIGTERM and SIGUSR1 are ours: relayed (outside srun) while the agent keeps waiting, instead of
+    # torch's shutdown (forward, wait, SIGKILL, exit 1, and a second signal aborting the wait).
+    # torch keeps SIGINT/SIGHUP/SIGQUIT.
+    args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # older torch: env
     relay = _Relay()
     stock_agent = launcher_api.LocalElasticAgent
     launcher_api.LocalElasticAgent = _preemption_aware(stock_agent)
@@ -408,5 +442,5 @@ def _reap_orphans() -> None:
             continue
 
 
-def render(cmd: list[str]) -> str:
-    return shlex.join(cmd)
+def render(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items()) + shlex.join(cmd)

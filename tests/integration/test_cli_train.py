@@ -115,4 +115,8 @@ def test_config_show_and_help():
 
 def test_launch_dry_run():
     out = check(run_ftl(["launch", "--nproc-per-node", "2", "--dry-run", "--set", "train.max_steps=5"])).stdout
-    assert "torch.distributed.run --nproc-per-node=2 --standalone -m engine.cli train --set train.max_steps=5" in out
+    assert ("torch.distributed.run --nproc-per-node=2 --standalone "
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=300 "
+            "-m engine.cli train --set train.max_steps=5") in out
+    restarts = check(run_ftl(["launch", "--nproc-per-node", "2", "--max-restarts", "3", "--dry-run"])).stdout
+    assert restarts.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ") and "--max-restarts=3" in restarts

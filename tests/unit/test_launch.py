@@ -16,6 +16,7 @@ from engine.launcher import LaunchPlan, preempted_exit_code
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+FLAGS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=300"  # for a copy run as plain torchrun
 SCRIPTS = sorted([*(ROOT / "launch").rglob("*.sh"), *(ROOT / "launch").rglob("*.sbatch"),
                   ROOT / ".ci" / "run", *(ROOT / ".ci").glob("*.sh")])
 
@@ -38,11 +39,13 @@ def ftl_fails(capsys, *args) -> str:
 
 def test_dry_run_one_node(capsys):
     out = ftl(capsys, "launch", "--nproc-per-node", 4, "--dry-run", "--set", "train.max_steps=5")
-    assert out == (f"{PY} -m torch.distributed.run --nproc-per-node=4 --standalone "
+    assert out == (f"{PY} -m torch.distributed.run --nproc-per-node=4 --standalone {FLAGS} "
                    "-m engine.cli train --set train.max_steps=5\n")
-    # default: all local GPUs, 1 process on a CPU machine; --max-restarts passes through
+    # default: all local GPUs, 1 process on a CPU machine; --max-restarts passes through, with the
+    # store workaround for restarts (pytorch#135712)
     out = ftl(capsys, "launch", "--dry-run", "--max-restarts", 2)
-    assert out == f"{PY} -m torch.distributed.run --nproc-per-node=1 --standalone --max-restarts=2 -m engine.cli train\n"
+    assert out == (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 {PY} -m torch.distributed.run --nproc-per-node=1 "
+                   f"--standalone --max-restarts=2 {FLAGS} -m engine.cli train\n")
 
 
 def test_dry_run_nodes_with_rendezvous(capsys, tmp_path):
@@ -51,7 +54,7 @@ def test_dry_run_nodes_with_rendezvous(capsys, tmp_path):
     out = ftl(capsys, "launch", cfg, "--nnodes", 2, "--nproc-per-node", 8, "--rdzv-endpoint", "node001:29400",
               "--rdzv-id", "job42", "--dry-run", "--set", "optim.lr=1e-4")
     assert out == (f"{PY} -m torch.distributed.run --nproc-per-node=8 --nnodes=2 --rdzv-backend=c10d "
-                   f"--rdzv-endpoint=node001:29400 --rdzv-id=job42 -m engine.cli train {cfg} --set optim.lr=1e-4\n")
+                   f"--rdzv-endpoint=node001:29400 --rdzv-id=job42 {FLAGS} -m engine.cli train {cfg} --set optim.lr=1e-4\n")
 
 
 def test_dry_run_deepspeed_one_node(capsys):
