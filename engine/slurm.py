@@ -126,7 +126,12 @@ class SlurmJob:
                 p.append("--grid: each trial runs on one node; drop --nodes or set it to 1")
             if self.launcher != "torchrun":
                 p.append("--grid trials run with torchrun (launch/slurm/sweep.sbatch); drop --launcher")
-            for i, trial in enumerate(self.trials):
+            try:
+                load_config(self.config, self.overrides)
+                base_ok = True
+            except UsageError:
+                base_ok = False  # the caller reports the shared config's problems once
+            for i, trial in enumerate(self.trials if base_ok else []):
                 try:
                     load_config(self.config, [*self.overrides, *trial])
                 except UsageError as e:
