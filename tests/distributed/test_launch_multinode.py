@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -45,19 +46,38 @@ def reference(tmp_path_factory) -> Path:
 
 def two_nodes(run_dir: Path, launcher: str) -> list[subprocess.CompletedProcess]:
     endpoint = f"127.0.0.1:{free_port()}"
+    # a unique rendezvous id: should another job grab the port first, these agents must not join its rendezvous
+    rdzv_id = ["--rdzv-id", uuid.uuid4().hex]
     procs = []
     for node in range(2):
-        extra = ["--node-rank", str(node)] if launcher == "deepspeed" else []
+        extra = ["--node-rank", str(node)] if launcher == "deepspeed" else rdzv_id
         cmd = [sys.executable, "-m", "engine.cli", "launch", "--launcher", launcher, "--nnodes", "2",
                "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, *extra,
                *tiny_overrides(run_dir, **{"train.micro_batch": 2, **COMMON})]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=env_for_subprocess()))
     out = []
-    for p in procs:
-        stdout, _ = p.communicate(timeout=300)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=240)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            _kill_tree(p)
+        logs = [p.communicate()[0][-3000:] for p in procs]
+        raise AssertionError("two-node run did not finish in 240 s:\n" + "\n----\n".join(logs)) from None
     return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+    except psutil.Error:
+        pass
+    proc.kill()
 
 
 def assert_same_training(run_dir: Path, reference: Path) -> None:
