@@ -423,6 +423,7 @@ def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet):
     finally:
         server.server_close()
 
+
 # ------------------------------------------------------------------------------------------ slurm
 
 @cli.command()
