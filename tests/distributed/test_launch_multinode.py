@@ -44,16 +44,16 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
-def two_nodes(run_dir: Path, launcher: str) -> list[subprocess.CompletedProcess]:
+def two_nodes(run_dir: Path, launcher: str, **extra) -> list[subprocess.CompletedProcess]:
     endpoint = f"127.0.0.1:{free_port()}"
     # a unique rendezvous id: should another job grab the port first, these agents must not join its rendezvous
     rdzv_id = ["--rdzv-id", uuid.uuid4().hex]
     procs = []
     for node in range(2):
-        extra = ["--node-rank", str(node)] if launcher == "deepspeed" else rdzv_id
+        node_args = ["--node-rank", str(node)] if launcher == "deepspeed" else rdzv_id
         cmd = [sys.executable, "-m", "engine.cli", "launch", "--launcher", launcher, "--nnodes", "2",
-               "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, *extra,
-               *tiny_overrides(run_dir, **{"train.micro_batch": 2, **COMMON})]
+               "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, *node_args,
+               *tiny_overrides(run_dir, **{"train.micro_batch": 2, **COMMON, **extra})]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=env_for_subprocess()))
     out = []
@@ -90,14 +90,20 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
     assert worst < WEIGHT_ATOL, f"max weight difference {worst:.3g}"
 
 
+# The deepspeed launcher runs the DeepSpeed backend here (ZeRO-2: gradients and optimizer state sharded
+# across the two "nodes"); torchrun runs DDP. Both must train what one process trains.
+BACKENDS = {"torchrun": ("ddp", {}), "deepspeed": ("deepspeed", {"dist.backend": "deepspeed", "dist.zero_stage": 2})}
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_nodes_on_loopback_match_one_process(tmp_path, reference, launcher):
     run_dir = tmp_path / launcher
-    nodes = two_nodes(run_dir, launcher)
+    backend, extra = BACKENDS[launcher]
+    nodes = two_nodes(run_dir, launcher, **extra)
     for p in nodes:
         check(p)
     log0 = nodes[0].stdout
-    assert "backend ddp x2" in log0 and "global batch 4 = 2 ranks x 2 x 1 accum" in log0
+    assert f"backend {backend}" in log0 and "x2 on cpu" in log0 and "global batch 4 = 2 ranks x 2 x 1 accum" in log0
     if launcher == "deepspeed":
         assert "--no_ssh --node_rank=0" in log0 and "--no_ssh --node_rank=1" in nodes[1].stdout
         assert "node0 slots=1" in log0  # the generated hostfile

