@@ -37,4 +37,7 @@ setup(
         "lora": ["peft>=0.13"],  # model.lora_rank
     },
     entry_points={"console_scripts": ["ftl=engine.cli:main"]},
+    # `ftl slurm` fills these templates; a non-editable install finds them under <prefix>/share.
+    data_files=[("share/ftl-engine/launch/slurm",
+                 ["launch/slurm/train.sbatch", "launch/slurm/train_deepspeed.sbatch", "launch/slurm/sweep.sbatch"])],
 )

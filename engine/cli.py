@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import subprocess  # noqa: F401  (kept for the other commands)
 import sys
 from pathlib import Path
 
@@ -76,37 +76,58 @@ def train(config, overrides, no_progress):
 
 # ------------------------------------------------------------------------------------------ launch
 
-@cli.command(context_settings={"ignore_unknown_options": False})
+@cli.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
-              help="Processes on this node (default: all local GPUs, or 1 on a CPU machine).")
-@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes in the job.")
-@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank.")
-@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="Rendezvous address (multi-node).")
+              help="Ranks on this node (default: all local GPUs, or 1 on a CPU machine).")
+@click.option("--nnodes", type=click.IntRange(min=1), default=None, help="Nodes in the job (default 1).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=None,
+              help="deepspeed: this node's line of the hostfile, each node launching itself (no ssh). "
+                   "torchrun's c10d rendezvous numbers the nodes itself.")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="Where the nodes meet: an address of the first node and a free port, the same on every node.")
+@click.option("--rdzv-id", default=None, help="torchrun: a job id shared by all nodes (e.g. $SLURM_JOB_ID).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
-              help="torchrun restarts the whole job this many times after a failure.")
-@click.option("--launcher", type=click.Choice(["torchrun"]), default="torchrun", show_default=True,
+              help="torchrun restarts all ranks this many times after a failure (not after a preemption exit).")
+@click.option("--launcher", type=click.Choice(["torchrun", "deepspeed"]), default="torchrun", show_default=True,
               help="Process launcher.")
-@click.option("--dry-run", is_flag=True, help="Print the launcher command instead of running it.")
-def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, launcher, dry_run):
-    """Start N training processes on this node (and join a multi-node job) with torchrun."""
+@click.option("--hosts", default=None, metavar="H1,H2,...",
+              help="deepspeed: node names for the generated hostfile (with --node-rank: labels only).")
+@click.option("--hostfile", default=None, type=click.Path(dir_okay=False),
+              help="deepspeed: an existing hostfile ('host slots=N' lines).")
+@click.option("--dry-run", is_flag=True, help="Print the launcher command (and a generated hostfile) instead of running it.")
+def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, max_restarts, launcher,
+           hosts, hostfile, dry_run):
+    """Start the ranks of this node with torchrun or the deepspeed launcher (one node, or one of several).
+
+    \b
+    ftl launch my.yaml                                   # all local GPUs (1 process on CPU)
+    ftl launch --nnodes 2 --rdzv-endpoint node001:29400 my.yaml       # on each of 2 nodes
+    ftl launch --launcher deepspeed --nproc-per-node 8 my.yaml
+    ftl launch --launcher deepspeed --nnodes 2 --node-rank R --rdzv-endpoint node001:29400 my.yaml
+
+    SIGUSR1/SIGTERM reach every rank, which saves a checkpoint and exits 75; `ftl launch` then exits 75
+    too (job scripts requeue on it).
+    """
     from engine import launcher as launch_lib
     from engine.config import load_config
 
-    cfg = load_config(config, overrides)  # fail here, once, rather than in every rank
-    if nnodes > 1 and not rdzv_endpoint:
-        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node's address)")
+    problems: list[str] = []
+    try:
+        load_config(config, overrides)  # fail here, once, rather than in every rank
+    except UsageError as e:
+        problems += e.problems
     train_args = ([config] if config else []) + [a for o in overrides for a in ("--set", o)]
-    cmd = launch_lib.torchrun_command(nproc_per_node or launch_lib.default_nproc(), train_args, nnodes, node_rank,
-                                      rdzv_endpoint, max_restarts)
-    env = launch_lib.launcher_env(max_restarts)
+    plan = launch_lib.LaunchPlan(train_args, nproc_per_node, launcher, nnodes, node_rank, rdzv_endpoint, rdzv_id,
+                                 max_restarts, [h for h in (hosts or "").split(",") if h.strip()], hostfile)
+    problems += plan.problems()
+    if problems:
+        raise UsageError(problems, hint="See `ftl launch --help`.")
     if dry_run:
-        click.echo(launch_lib.render(cmd, env))
+        click.echo(plan.render())
         return
-    from engine import fault
-
-    sys.exit(fault.launch_and_wait(cmd, cfg.run_dir, env))  # exit 75 when the workers were preempted
+    sys.exit(launch_lib.run(plan))
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -401,6 +422,85 @@ def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet):
         pass
     finally:
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ slurm
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes for the job.")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), required=True, help="GPUs per node (0: a CPU job).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+              help="Ranks per node (default: one per GPU, or 1 for a CPU job).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None,
+              help="CPUs per node for the ranks (default: the whole node with GPUs, else one per rank).")
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option("--time", "time_limit", default=None, metavar="TIME",
+              help="Time limit (minutes, H:MM:SS or D-HH:MM:SS; default the template's 24:00:00).")
+@click.option("--account", default=None, help="SLURM account to charge.")
+@click.option("--job-name", default=None, help="Job name (default ftl-<run directory name>).")
+@click.option("--launcher", type=click.Choice(["torchrun", "deepspeed"]), default="torchrun", show_default=True,
+              help="Template: launch/slurm/train.sbatch (torchrun) or train_deepspeed.sbatch.")
+@click.option("--signal-before", type=int, default=300, show_default=True, metavar="SECONDS",
+              help="USR1 this long before the time limit: the ranks checkpoint and the job requeues itself.")
+@click.option("--no-requeue", is_flag=True, help="Checkpoint on the signal but do not requeue.")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2",
+              help="Sweep: an array job over every combination (launch/slurm/sweep.sbatch), one run directory per trial.")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None, help="Sweep: trials running at once.")
+@click.option("--sbatch", "sbatch_options", multiple=True, metavar="--OPT=VALUE",
+              help="Extra #SBATCH option, e.g. --sbatch=--qos=high (repeatable).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the script here (default: print it; with --submit: <run dir>/slurm/<job name>.sbatch).")
+@click.option("--submit", is_flag=True, help="Submit the script with sbatch and print the job id.")
+def slurm(config, overrides, nodes, gpus_per_node, nproc_per_node, cpus_per_task, partition, time_limit, account,
+          job_name, launcher, signal_before, no_requeue, grid, max_parallel, sbatch_options, output, submit):
+    """Write a SLURM batch script for CONFIG from the launch/slurm templates (and submit it).
+
+    \b
+    ftl slurm my.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00 -o job.sbatch
+    ftl slurm my.yaml --gpus-per-node 1 --grid optim.lr=1e-4,3e-4 --grid train.micro_batch=8,16 --submit
+
+    The run directory becomes an absolute path (keep it on storage all nodes see); the job logs to
+    <run dir>/slurm/<job name>-<job id>.out, checkpoints on USR1 before its time limit or on
+    preemption, requeues itself and resumes. A sweep writes <run dir>/grid.txt and trains trial i in
+    <run dir>/trial-<iii>.
+    """
+    from engine import slurm as slurm_lib
+    from engine.config import load_config
+
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = load_config(config, overrides)
+    except UsageError as e:
+        problems += e.problems
+    job = slurm_lib.SlurmJob(config, list(overrides), nodes, gpus_per_node, nproc_per_node, cpus_per_task, partition,
+                             time_limit, account, job_name, launcher, signal_before, not no_requeue, list(grid),
+                             max_parallel, list(sbatch_options))
+    problems += job.problems()
+    if max_parallel and not grid:
+        problems.append("--max-parallel is for sweeps (--grid)")
+    if submit and not slurm_lib.sbatch_available():
+        problems.append("--submit: sbatch not found (run on a SLURM login node, or write the script with -o and copy it)")
+    if problems:
+        raise UsageError(problems, hint="See `ftl slurm --help`.")
+    names = job.names(cfg.run_dir)
+    script = Path(output) if output else (names["log_dir"] / f"{names['job_name']}.sbatch" if submit else None)
+    text, names = job.write(cfg.run_dir, script, sys.argv[2:] if sys.argv[1:2] == ["slurm"] else None)
+    if script is None:
+        click.echo(text, nl=False)
+        click.echo(f"# logs will go to {names['log_dir']}/ (created)", err=True)
+        return
+    click.echo(f"wrote {script}" + (f" and {names['grid_file']} ({len(job.trials)} trials)" if job.trials else ""))
+    if submit:
+        try:
+            job_id = slurm_lib.submit(script)
+        except RuntimeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        log = str(names["log"]).replace("%x", str(names["job_name"])).replace("%j", job_id).replace("%A", job_id)
+        click.echo(f"submitted job {job_id}; log: {log}")
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -50,20 +50,12 @@ def launcher_env() -> dict[str, int | str]:
             "local_world_size": int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]),
             "launcher": "deepspeed" if deepspeed_launcher else "torchrun",
         }
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-        # srun started every rank itself (no torchrun agent): derive the rendezvous from SLURM.
-        nodes = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
-        env.setdefault("MASTER_ADDR", nodes[0])
+    layout = slurm_step_layout(env)
+    if layout is not None:
+        # srun started every rank itself (no torchrun agent): the rendezvous is the step's first node.
+        env.setdefault("MASTER_ADDR", layout.pop("master_addr"))
         env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
-        ntasks = int(env["SLURM_NTASKS"])
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        return {
-            "rank": int(env["SLURM_PROCID"]),
-            "world_size": ntasks,
-            "local_rank": int(env.get("SLURM_LOCALID", 0)),
-            "local_world_size": int(per_node) if per_node.isdigit() else max(1, ntasks // max(1, len(nodes))),
-            "launcher": "srun",
-        }
+        return layout
     return {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1, "launcher": "none"}
 
 
@@ -82,6 +74,50 @@ def elastic_store_problem() -> str | None:
                 "hang in process-group init (pytorch#135712); start torchrun with "
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (`ftl launch` does)")
     return None
+
+
+def slurm_step_layout(env) -> dict | None:
+    """Ranks of an `srun` step with more than one task (None otherwise, e.g. in the batch script).
+
+    Variables as srun sets them (slurm 22.05, measured): SLURM_STEP_ID only inside a step;
+    SLURM_STEP_NUM_TASKS / SLURM_NTASKS the step's task count; SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID;
+    SLURM_STEP_TASKS_PER_NODE like `2(x3),1` (SLURM_NTASKS_PER_NODE only exists with --ntasks-per-node);
+    SLURM_STEP_NODELIST like `node[01-04]`.
+    """
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return None
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if ntasks <= 1:
+        return None
+    nodes = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+    node_id = int(env.get("SLURM_NODEID", 0))
+    local_world = per_node[node_id] if node_id < len(per_node) else max(1, ntasks // max(1, len(nodes)))
+    return {
+        "rank": int(env["SLURM_PROCID"]),
+        "world_size": ntasks,
+        "local_rank": int(env.get("SLURM_LOCALID", 0)),
+        "local_world_size": local_world,
+        "launcher": "srun",
+        "master_addr": nodes[0],
+    }
+
+
+def in_slurm_step() -> bool:
+    """Inside an `srun` step: SLURM itself signals every process of the step (scancel, --signal, srun
+    forwarding), so launchers must not pass signals on a second time."""
+    return "SLURM_STEP_ID" in os.environ and "SLURM_JOB_ID" in os.environ
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Expand SLURM's tasks-per-node notation: `2(x3),1` -> [2, 2, 2, 1]."""
+    out: list[int] = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return []
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
 
 
 def slurm_hostnames(nodelist: str) -> list[str]:
@@ -106,9 +142,11 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     return hosts or ["localhost"]
 
 
-def slurm_port(job_id: str) -> int:
-    """A master port derived from the job id, so two jobs sharing a node do not collide."""
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+def slurm_port(job_id: str | int) -> int:
+    """A rendezvous port derived from the job id: jobs sharing a node get different ports, and a
+    requeued job (same id) the same one. 20000-31999 stays below Linux's ephemeral ports (32768+).
+    launch/slurm/*.sbatch compute the same number in bash: $(( 20000 + SLURM_JOB_ID % 12000 ))."""
+    return 20000 + int(re.sub(r"\D", "", str(job_id)) or 0) % 12000
 
 
 def init(device: str = "auto", timeout_s: int = 1800) -> DistEnv:

@@ -431,35 +431,3 @@ class FaultTolerance:
             _announce("nan", self.step, self.env.rank)
             return output * math.nan
         return output
-
-
-# ----------------------------------------------------------------------------------------- launcher
-
-def launch_and_wait(cmd: list[str], run_dir: Path, env: dict | None = None) -> int:
-    """Run the launcher command (torchrun) for `ftl launch`, passing preemption signals on, and return
-    its exit code, or 75 when the workers stopped on a preemption signal after saving.
-
-    torchrun exits 1 when it is itself signalled (or when a worker exits non-zero), whatever the
-    workers' codes; the marker that rank 0 writes next to the checkpoint carries the preemption."""
-    import subprocess
-
-    marker = Path(run_dir) / PREEMPTED_MARKER
-    marker.unlink(missing_ok=True)
-    started = time.time()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
-    forward = lambda signum, frame: proc.send_signal(signum)
-    previous = {}
-    for name in (*PREEMPT_SIGNALS, "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            previous[sig] = signal.signal(sig, forward)
-    # Ctrl-C reaches torchrun directly (same process group): wait for its orderly shutdown.
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        rc = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if rc != 0 and marker.is_file() and marker.stat().st_mtime >= started - 1:
-        return Preempted.exit_code
-    return rc

@@ -52,8 +52,10 @@ def test_sigterm_to_torchrun_saves_exits_75_and_resumes_bitwise(reference, tmp_p
     args = ["launch", "--nproc-per-node", "2", *tiny_overrides(run, **REF)]
     job = Watched(ftl_cmd(args), FTL_FAULT_INJECT="slow_save@rank=0,seconds=2")
     job.wait_for(r"step 3/24")
-    (torchrun_proc,) = [p for p in job.descendants("torch.distributed.run")]
-    workers = [p for p in job.descendants("engine.cli") if "torch.distributed.run" not in " ".join(p.cmdline())]
+    import psutil
+
+    torchrun_proc = psutil.Process(job.proc.pid)  # `ftl launch` runs torchrun's agent in its own process
+    workers = job.descendants("engine.cli train")
     assert len(workers) == 2
     signalled_after = max(int(m) for m in re.findall(r"step (\d+)/24", job.output))
     torchrun_proc.send_signal(signal.SIGTERM)  # what a scheduler does; torchrun forwards it to both ranks
