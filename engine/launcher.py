@@ -266,18 +266,6 @@ def preemption_flags() -> list[str]:
     return flags + ([f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"] if "shutdown_timeout" in fields else [])
 
 
-def torchrun_command(nproc_per_node: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0,
-                     rdzv_endpoint: str | None = None, max_restarts: int = 0, python: str | None = None) -> list[str]:
-    """The torchrun command line for these arguments (the foundation's API; `LaunchPlan` does the work)."""
-    return LaunchPlan(list(train_args), nproc_per_node, "torchrun", nnodes, None, rdzv_endpoint,
-                      max_restarts=max_restarts, python=python or sys.executable).command()
-
-
-def launcher_env(max_restarts: int = 0) -> dict[str, str]:
-    """What torchrun's own environment needs for these arguments (see LaunchPlan.env)."""
-    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if max_restarts else {}
-
-
 def _visible_gpus() -> list[str]:
     return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
 
@@ -440,7 +428,3 @@ def _reap_orphans() -> None:
             return
         except InterruptedError:
             continue
-
-
-def render(cmd: list[str], env: dict[str, str] | None = None) -> str:
-    return "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items()) + shlex.join(cmd)

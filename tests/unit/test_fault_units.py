@@ -393,10 +393,13 @@ def test_watchdog_dumps_every_thread_and_exits_4(tmp_path):
 def test_launcher_forwards_the_preemption_signal_and_waits_for_the_save():
     from engine import launcher
 
-    cmd = launcher.torchrun_command(2, ["--set", "train.max_steps=5"])
+    plan = launcher.LaunchPlan(["--set", "train.max_steps=5"], nproc_per_node=2)
+    cmd = plan.command()
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in cmd
     assert f"--shutdown-timeout={launcher.SHUTDOWN_TIMEOUT_S}" in cmd
-    assert launcher.launcher_env(0) == {} and launcher.launcher_env(2) == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in plan.env()
+    plan.max_restarts = 2
+    assert plan.env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
 def test_the_elastic_store_trap_is_named(monkeypatch):
