@@ -350,7 +350,7 @@ def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out
         click.echo(f"{len(plan.trials)} trial(s) -> {out_dir}", err=True)
         return
     if slurm:
-        sweep_lib.slurm_preflight(plan, out_dir)
+        sweep_lib.slurm_preflight(plan, out_dir, list(sbatch_args))
     _quiet_libraries()
     fresh = not out_dir.exists()
     sweep_lib.write_plan(plan, out_dir)

@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -510,7 +511,50 @@ def summarize(out: Path, log=print) -> dict:
 # The script names run directories by task index; every line here sets run.dir itself, so a later
 # stage of successive halving (a subset of the trials) still writes into each trial's own directory.
 
-SWEEP_SBATCH = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "sweep.sbatch"
+
+
+def sweep_script() -> Path:
+    """The array script: the source checkout's, else the copy a non-editable install ships."""
+    from engine import slurm
+
+    return slurm.template_path("sweep")
+
+
+def _sbatch_option(args: list[str], long: str, short: str | None = None) -> str | None:
+    """The value of an sbatch option among --sbatch-arg values (`--time=1:00`, `--time 1:00`, `-t1:00`)."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(long + "="):
+            value = a.split("=", 1)[1]
+        elif a == long or (short and a == short):
+            value = args[i + 1] if i + 1 < len(args) else None
+        elif short and a.startswith(short) and len(a) > len(short):
+            value = a[len(short):]
+    return value
+
+
+def time_limit_problem(script: Path, sbatch_args: list[str]) -> str | None:
+    """A --time at or under the script's checkpoint signal (`--signal=B:USR1@N`) makes every task get the
+    signal before it trains: it saves, exits 75 and requeues, forever."""
+    from engine import slurm
+
+    limit = _sbatch_option(sbatch_args, "--time", "-t")
+    signal = _sbatch_option(sbatch_args, "--signal")
+    if signal is None:
+        m = re.search(r"^#SBATCH\s+--signal=(\S+)", script.read_text(encoding="utf-8"), flags=re.M)
+        signal = m.group(1) if m else None
+    if limit is None or signal is None or "@" not in signal:
+        return None
+    try:
+        seconds = slurm.parse_time(limit)
+    except ValueError:
+        return f"--sbatch-arg --time {limit!r} is not a SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S)"
+    before = int(signal.rsplit("@", 1)[1])
+    if seconds is not None and seconds <= before:
+        return (f"--time {limit} ({seconds} s) is not longer than the array script's checkpoint signal, sent "
+                f"{before} s before the limit ({signal}): every task would checkpoint and requeue before it "
+                f"trains; ask for more time, or pass --sbatch-arg=--signal=B:USR1@<fewer seconds>")
+    return None
 
 
 def grid_line(plan: Plan, trial: Trial, out: Path, stop_at: int = 0) -> str:
@@ -525,7 +569,7 @@ def grid_line(plan: Plan, trial: Trial, out: Path, stop_at: int = 0) -> str:
 
 
 def slurm_submit(plan: Plan, out: Path, stage_trials: list[Trial], stop_at: int, sbatch_args: list[str],
-                 nproc: int | None = None, script: Path = SWEEP_SBATCH) -> str:
+                 nproc: int | None = None) -> str:
     """Submit one array job (task i: the i-th of `stage_trials`, trained to `stop_at`); its job id."""
     import os
 
@@ -534,7 +578,7 @@ def slurm_submit(plan: Plan, out: Path, stage_trials: list[Trial], stop_at: int,
     (out / "slurm").mkdir(exist_ok=True)
     shared = ([plan.config] if plan.config else []) + [a for o in plan.overrides for a in ("--set", o)]
     cmd = ["sbatch", "--parsable", f"--array=0-{len(stage_trials) - 1}", f"--job-name=ftl-sweep-{out.name}",
-           f"--output={out.resolve() / 'slurm' / '%x-%A_%a.out'}", *sbatch_args, str(script), str(grid.resolve()),
+           f"--output={out.resolve() / 'slurm' / '%x-%A_%a.out'}", *sbatch_args, str(sweep_script()), str(grid.resolve()),
            *shared]
     env = dict(os.environ, FTL_PYTHON=sys.executable, FTL_SWEEP_DIR=str(out.resolve()))
     if nproc:
@@ -556,11 +600,13 @@ def slurm_wait(job_id: str, poll_s: float = 5.0) -> None:
         time.sleep(poll_s)
 
 
-def slurm_preflight(plan: Plan, out: Path, script: Path = SWEEP_SBATCH) -> None:
+def slurm_preflight(plan: Plan, out: Path, sbatch_args: list[str] = ()) -> None:
     """Everything --slurm needs, checked before the sweep directory is written."""
     problems = []
-    if not script.is_file():
-        problems.append(f"--slurm needs {script} (the SLURM array script of the launch tooling), which is missing")
+    try:
+        problems += filter(None, [time_limit_problem(sweep_script(), list(sbatch_args))])
+    except UsageError as e:
+        problems += e.problems
     if shutil.which("sbatch") is None:
         problems.append("--slurm: sbatch is not on PATH; run on a SLURM login node, or drop --slurm to run locally")
     for t in plan.trial_list():

@@ -172,6 +172,12 @@ def test_bad_sweeps_name_every_problem_and_write_nothing(tmp_path, tokenizer_dir
     for part in ("unknown config key 'optim.lrr'", "train.max_steps must be positive", "--rungs must lie between"):
         assert part in err, err
     assert not out.exists()
+    # a time limit inside the array script's checkpoint signal would requeue every task forever
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--out", str(out), "--grid", "optim.lr=1e-3,2e-3", "--slurm", "--sbatch-arg=--time=5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--time 5 (300 s) is not longer than the array script's checkpoint signal" in err, err
+    assert not out.exists()
     # a metric the runs do not log is caught after the first trial, not after the whole sweep
     with pytest.raises(SystemExit) as e:
         cli.main(sweep_cmd(out, tokenizer_dir, "--grid", "optim.lr=1e-3,2e-3", "--metric", "eval_acuracy",
@@ -196,8 +202,6 @@ def _slurm_ready() -> str:
 
     if shutil.which("sbatch") is None:
         return "no sbatch on PATH (CI brings up SLURM with .ci/slurm_up.sh)"
-    if not sweep.SWEEP_SBATCH.is_file():
-        return f"{sweep.SWEEP_SBATCH} is missing (the launch tooling's array script)"
     info = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
     if info.returncode != 0 or not any(s in info.stdout for s in ("idle", "mixed", "allocated")):
         return f"no SLURM node up: {info.stdout.strip() or info.stderr.strip()}"
