@@ -122,7 +122,7 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()
     rows = []
-    print(f"| model | seq | checkpointing | saved MiB | bound MiB (ckpt) | block MiB |" +
+    print("| model | seq | checkpointing | saved MiB | bound MiB (ckpt) | block MiB |" +
           (" peak MiB | step s |" if args.device == "cuda" else ""))
     print("|---|---|---|---|---|---|" + ("---|---|" if args.device == "cuda" else ""))
     for t in [int(s) for s in args.seq.split(",")]:

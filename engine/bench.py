@@ -757,7 +757,7 @@ def memory_table(presets: list[str], world: int, gpu_gib: float, vocab: int = 50
     from engine import fastpath, model as model_lib
 
     modes = ["ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"]
-    lines = [f"| preset | params | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+    lines = ["| preset | params | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     for preset in presets:
         cfg = model_lib.preset_config(preset, fastpath.padded_size(vocab, pad_to))
         with torch.device("meta"):

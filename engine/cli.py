@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess  # noqa: F401  (kept for the other commands)
 import sys
 from pathlib import Path
 

@@ -195,7 +195,6 @@ def ensure_pad(tok):
 def train_bpe(texts, vocab_size: int):
     """A byte-level BPE trained here, so runs without a pretrained tokenizer stay offline."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)

@@ -94,7 +94,7 @@ def hf_source(path: Path, workdir: Path) -> tuple[Path, str]:
     if (path / "final").is_dir() and not (path / "checkpoints").is_dir():
         return path / "final", f"model directory {path / 'final'}"
     out = workdir / "hf"
-    ckpt = tools.export_checkpoint(path, out)
+    tools.export_checkpoint(path, out)
     return out, f"checkpoint {tools.resolve_checkpoint(path)}"
 
 

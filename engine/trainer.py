@@ -12,9 +12,7 @@ Nothing in the loop reads a device value back except at log steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import random
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 
 from engine import (backends, checkpoint, data, dist, evaluation, fastpath, fault, losses, memory, metrics,
-                    model as model_lib, optim, resume, transfer, windows)
+                    model as model_lib, optim, resume, transfer)
 from engine.config import Config, dump_resolved
 from engine.errors import UsageError
 

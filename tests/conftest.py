@@ -34,6 +34,25 @@ def _datasets_cache(tmp_path_factory):
     yield cache
 
 
+def assert_train_refused(tmp_path: Path, overrides: list[str], expected: list[str], capsys) -> None:
+    """`ftl train` of the tiny job with these overrides (`{tmp}` = tmp_path) exits 2 in-process, its message
+    holds every expected fragment, no traceback, and the run directory was never created."""
+    from engine.cli import main
+
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir)
+    for o in overrides:
+        args += ["--set", o.format(tmp=tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    for fragment in expected:
+        assert fragment in err, err
+    assert "Traceback" not in err
+    assert not run_dir.exists(), "nothing may be written for bad input"
+
+
 def tiny_overrides(run_dir: Path, **extra) -> list[str]:
     """--set arguments for a seconds-long run of the tiny model on the pydoc corpus."""
     base = {

@@ -8,7 +8,6 @@ ranks do) to check what the launchers add: the signal reaches the ranks, the lau
 exit 75 comes out, and torchrun does not restart ranks that asked to stop (but still restarts crashes).
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tests.conftest import check, env_for_subprocess, free_port, tiny_config, tiny_overrides, train_losses

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from engine.cli import main
-from tests.conftest import run_ftl, tiny_overrides
+from tests.conftest import assert_train_refused, run_ftl, tiny_overrides
 
 
 def _files(tmp_path):
@@ -44,18 +43,7 @@ CASES = [
 def test_bad_input_exits_2_naming_the_problem(case, tmp_path, capsys):
     _, overrides, expected = case
     _files(tmp_path)
-    run_dir = tmp_path / "run"
-    args = tiny_overrides(run_dir)
-    for o in overrides:
-        args += ["--set", o.format(tmp=tmp_path)]
-    with pytest.raises(SystemExit) as e:
-        main(["train", *args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    for fragment in expected:
-        assert fragment in err, err
-    assert "Traceback" not in err
-    assert not run_dir.exists(), "nothing may be written for bad input"
+    assert_train_refused(tmp_path, overrides, expected, capsys)
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):

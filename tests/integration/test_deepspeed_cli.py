@@ -6,7 +6,7 @@ import json
 import pytest
 
 from engine.cli import main
-from tests.conftest import tiny_overrides
+from tests.conftest import assert_train_refused
 
 CASES = [
     # (id, --set overrides, JSON written to {tmp}/ds.json or None, expected fragments)
@@ -31,18 +31,7 @@ def test_bad_deepspeed_input_exits_2(case, tmp_path, capsys):
     if user_json is not None:
         (tmp_path / "ds.json").write_text(json.dumps(user_json))
         overrides = overrides + [f"dist.ds_config={tmp_path / 'ds.json'}"]
-    run_dir = tmp_path / "run"
-    args = tiny_overrides(run_dir)
-    for o in overrides:
-        args += ["--set", o.format(tmp=tmp_path)]
-    with pytest.raises(SystemExit) as e:
-        main(["train", *args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    for fragment in expected:
-        assert fragment in err, err
-    assert "Traceback" not in err
-    assert not run_dir.exists()
+    assert_train_refused(tmp_path, overrides, expected, capsys)
 
 
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys):

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from engine import model as model_lib, optim, positions
-from engine.config import ModelConfig
 
 
 def partitioned(module: nn.Module) -> nn.Module:
