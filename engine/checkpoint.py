@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -43,15 +44,28 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / STATE).is_file()
 
 
+def _saved_at(path: Path) -> int:
+    """When a checkpoint was completed (ns): its COMPLETE marker holds the time, older markers fall back to
+    the marker's mtime."""
+    marker = path / COMPLETE
+    try:
+        return int(marker.read_text(encoding="utf-8").split()[1])
+    except (IndexError, ValueError, OSError):
+        return marker.stat().st_mtime_ns
+
+
 def list_complete(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest SAVE first. Save order, not step order: a run resumed from an older
+    checkpoint (a rollback) writes lower step numbers after higher ones, and its new saves are the ones
+    to keep and resume from; the abandoned higher steps go first."""
     if not ckpt_root.is_dir():
         return []
     found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-") and is_complete(p)]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=lambda p: (_saved_at(p), p.name))
 
 
 def find_latest(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+    """The checkpoint `latest` names if it is complete, else the newest saved complete one, else None."""
     pointer = ckpt_root / "latest"
     if pointer.is_file():
         target = ckpt_root / pointer.read_text(encoding="utf-8").strip()
@@ -161,7 +175,7 @@ class Checkpointer:
         dist.barrier()  # every rank's files are in place
         if self.rank == 0:
             _fsync_tree(tmp)
-            _write_atomic(tmp / COMPLETE, "ok\n")
+            _write_atomic(tmp / COMPLETE, f"ok {time.time_ns()}\n")
             if final.exists():  # a second save of the same step (a resumed run re-saving): retire the old one
                 retired = self.root / f".old-{final.name}-{os.getpid()}"
                 os.replace(final, retired)
@@ -175,6 +189,7 @@ class Checkpointer:
         return final
 
     def _retain(self) -> None:
+        """Keep the `keep` most recently saved checkpoints (the one just written always among them)."""
         complete = list_complete(self.root)
         for old in complete[: max(0, len(complete) - self.keep)]:
             try:

@@ -135,6 +135,24 @@ def test_save_is_complete_atomic_and_retained(tmp_path):
     assert fresh.value == 40 and not list(root.glob(".old-*")) and not list(root.glob(".tmp-*"))
 
 
+def test_retention_after_a_rollback_keeps_the_new_saves(tmp_path):
+    """A run resumed from an older checkpoint writes lower steps after higher ones: retention and resume
+    follow save order, so the checkpoint just written is never the one deleted."""
+    ck = checkpoint.Checkpointer(tmp_path, keep=2, rank=0, world=1)
+    backend = FileBackend()
+    for step in (4, 6, 8):
+        _save(ck, step, backend)
+    root = tmp_path / "checkpoints"
+    path = _save(ck, 5, backend)  # resumed from step-4 (rolled back), trained one step, saved
+    assert checkpoint.is_complete(path)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000005", "step-000008"]
+    assert checkpoint.find_latest(root) == path
+    (root / "latest").unlink()  # even without the pointer, resume picks the newest save, not the highest step
+    assert checkpoint.find_latest(root) == path
+    _save(ck, 6, backend)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000005", "step-000006"]
+
+
 def test_a_failed_delete_is_a_warning_not_a_crash(tmp_path, monkeypatch):
     ck = checkpoint.Checkpointer(tmp_path, keep=1, rank=0, world=1)
     backend = FileBackend()
