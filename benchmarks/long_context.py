@@ -9,12 +9,16 @@ What it measures, per sequence of T tokens (batch 1), for the engine's own train
 - saved: bytes of the tensors autograd keeps from the forward for the backward (parameters excluded),
   counted with `torch.autograd.graph.saved_tensors_hooks`. On the `meta` device nothing is computed:
   the numbers are the exact sizes for the real model, in seconds, on any machine.
-- bound: the limit the engine promises WITH checkpointing (model.gradient_checkpointing=true):
-      T * ((L + 4) * d * b + V * 4 + 64)  bytes
-  the input of each of the L blocks, the embeddings, final LayerNorm and LM-head input (d values each,
-  b bytes per value), the fp32 log-softmax of the logits (V values) that the cross-entropy keeps, and
-  the token ids. Checkpointing recomputes one block at a time in the backward, so on top of this the
-  backward holds one block's activations (the `block` column: saved / L without checkpointing).
+- bound: the limit the engine promises WITH checkpointing (model.gradient_checkpointing=true) and its
+  default chunked linear cross-entropy (perf.chunked_ce=true):
+      T * ((L + 4) * d * b + 64)  +  V_pad * d * 4  bytes
+  per token the input of each of the L blocks, the embeddings, the final LayerNorm's input and output,
+  and the loss's gradient with respect to the hidden state (d values each, b bytes per value), plus
+  the token ids; once per sequence the fp32 gradient of the (padded, V_pad rows) LM-head weight, which
+  the chunked loss computes during the forward. No [T x V] logits are kept (with perf.chunked_ce=false
+  add T * V * 4 for their fp32 log-softmax). Checkpointing recomputes one block at a time in the
+  backward, so on top of this the backward holds one block's activations (the `block` column: saved / L
+  without checkpointing).
 - On CUDA (`--device cuda`) also the real peak allocated memory of one forward+backward minus the
   weights and gradients (`peak`).
 
@@ -59,9 +63,11 @@ def saved_activation_bytes(module: torch.nn.Module, batch: dict) -> int:
     return sum(seen.values())
 
 
-def checkpointed_bound(hf_config, seq_len: int, bytes_per_value: int = 4) -> int:
-    L, d, V = hf_config.n_layer, hf_config.n_embd, hf_config.vocab_size
-    return seq_len * ((L + 4) * d * bytes_per_value + V * 4 + 64)
+def checkpointed_bound(module: torch.nn.Module, seq_len: int, bytes_per_value: int = 4) -> int:
+    """The bound above for a TrainModule (`lm` head, chunked loss)."""
+    cfg = module.hf.config
+    L, d, v_pad = cfg.n_layer, cfg.n_embd, module.hf.lm_head.weight.shape[0]
+    return seq_len * ((L + 4) * d * bytes_per_value + 64) + v_pad * d * 4
 
 
 def train_module(name: str, seq_len: int, checkpointing: bool, device: str, vocab: int = 50257):
@@ -97,7 +103,7 @@ def measure(name: str, seq_len: int, checkpointing: bool, device: str) -> dict:
     finally:
         mu.find_packed_sequence_indices = packed_check
     row = {"model": name, "seq_len": seq_len, "checkpointing": checkpointing, "saved_MiB": saved / 2**20,
-           "bound_MiB": checkpointed_bound(module.hf.config, seq_len) / 2**20}
+           "bound_MiB": checkpointed_bound(module, seq_len) / 2**20}
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -9,6 +9,8 @@ The trainer all-reduces `target_count` once per step and divides the summed loss
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -90,12 +92,19 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     loss in fp32, and the weight gradient is accumulated over chunks in fp32.
     """
     dev = hidden.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    dtype = torch.get_autocast_dtype(dev) if _autocast_on(dev) else weight.dtype
     h2, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     chunk = max(1, int(chunk_tokens))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropySum.apply(h2, weight, y, vocab_size, chunk, float(label_smoothing), dtype)
     return _chunked_ce(h2, weight, y, vocab_size, chunk, float(label_smoothing), dtype, False, False)[0]
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta: benchmarks/long_context.py counts sizes)
+        return False
 
 
 def _chunked_ce(hidden, weight, labels, vocab, chunk, smoothing, dtype, need_h, need_w):
@@ -104,7 +113,8 @@ def _chunked_ce(hidden, weight, labels, vocab, chunk, smoothing, dtype, need_h, 
     Per chunk the [rows x vocab] fp32 block is touched as few times as eager PyTorch allows: one exp
     pass serves both the log-sum-exp and the softmax, and the target mask is folded into the
     softmax's per-row scale."""
-    with torch.autocast(hidden.device.type, enabled=False):
+    dev = hidden.device.type
+    with torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
