@@ -74,7 +74,8 @@ def target_count(batch: dict[str, torch.Tensor], head: str) -> torch.Tensor:
         return (batch["labels"] != IGNORE).sum().to(torch.float32)
     if "loss_weights" in batch:
         return batch["loss_weights"].sum().to(torch.float32)
-    return torch.tensor(float(batch["labels"].numel()), device=batch["labels"].device)
+    # new_full fills on the device; torch.tensor(n, device=cuda) would be a blocking host-to-device copy
+    return batch["labels"].new_full((), batch["labels"].numel(), dtype=torch.float32)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
