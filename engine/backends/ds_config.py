@@ -53,7 +53,7 @@ def builtin(stage: int, offload: str = "none") -> dict:
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=AUTO, stage3_param_persistence_threshold=AUTO,
                     stage3_max_live_parameters=int(1e9), stage3_max_reuse_distance=int(1e9))
-    if offload == "cpu":
+    if offload == "cpu" and stage >= 1:  # stage 0 has no partitioned optimizer state to offload
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
@@ -224,8 +224,8 @@ def _offload(ds: dict, d, stage: int, label: str, problems: list[str]) -> str:
             elif section == "offload_optimizer":
                 effective = cur
     if d.offload != "none" and stage == 0:
-        problems.append("dist.offload=cpu needs ZeRO stage 1, 2 or 3 (the optimizer state must be partitioned "
-                        "to be offloaded); set dist.zero_stage")
+        problems.append(f"dist.offload={d.offload} needs ZeRO stage 1, 2 or 3 (the optimizer state must be "
+                        f"partitioned to be offloaded); set dist.zero_stage")
     return effective
 
 

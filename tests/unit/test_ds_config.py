@@ -157,3 +157,11 @@ def test_fp16_loss_scale_window_follows_the_engine_config(tmp_path):
     assert resolve(cfg_with(tmp_path)).ds["fp16"]["loss_scale_window"] == 1000
     with pytest.raises(UsageError, match="fp16.loss_scale_window=500 contradicts train.loss_scale_window=250"):
         cfg_with(tmp_path, {"fp16": {"loss_scale_window": 500}}, **{"train.loss_scale_window": 250})
+
+
+def test_offload_at_stage_0_is_one_problem_not_three(tmp_path):
+    """The built-in stage-0 config has no optimizer offload section to contradict dist.offload."""
+    with pytest.raises(UsageError) as e:
+        cfg_with(tmp_path, None, **{"dist.offload": "cpu"})
+    assert e.value.problems == ["dist.offload=cpu needs ZeRO stage 1, 2 or 3 (the optimizer state must be partitioned "
+                                "to be offloaded); set dist.zero_stage"]
