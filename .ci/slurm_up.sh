@@ -161,9 +161,8 @@ SlurmdParameters=config_overrides
 
 # Requeue: allowed by default for batch jobs ('scontrol requeue', node fail).
 JobRequeue=1
-# A batch job exiting 75 (EX_TEMPFAIL, the engine's EXIT_PREEMPTED: stopped
-# on a signal after saving a checkpoint) is requeued by slurmctld itself.
-RequeueExit=75
+# No RequeueExit: the job scripts requeue themselves ('scontrol requeue' after
+# the ranks exit 75), and the tests check that this path works on its own.
 # Keep finished job records in slurmctld for >= 60 s (+ up to 60 s purge
 # interval) so 'scontrol show job' still answers right after completion.
 MinJobAge=60

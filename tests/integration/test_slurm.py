@@ -6,6 +6,8 @@ one CPU and one rank each:
   B  the same job, sent the preemption signal mid-run (`scancel --batch --signal=USR1`, what
      `--signal=B:USR1@N` and preemption deliver): checkpoints, exits 75, is requeued under the same
      job id, resumes, completes with A's losses.
+  C  the same job, cancelled mid-run (`scancel`: SIGTERM to every process): the ranks save a checkpoint,
+     the script does not requeue, the job ends CANCELLED.
   R  train.sbatch with a stand-in rank (FTL_PYTHON runs a script that saves on USR1 and exits 75): the
      script's own part of preemption (pass USR1 to the step, requeue on 75, append to the log).
   S  sweep.sbatch, an array of 2 trials (micro batch 2 and 4): 2 run directories.
@@ -138,12 +140,13 @@ def stand_in_python(tmp_path: Path) -> Path:
 
 
 class Preemptor(threading.Thread):
-    """Sends `scancel --batch --signal=USR1` (what --signal=B:USR1@N and preemption deliver) once the
-    job is RUNNING and `ready()` (its ranks train, with their signal handlers installed)."""
+    """Sends `scancel --batch --signal=USR1` (what --signal=B:USR1@N and preemption deliver; or another
+    `scancel` signal) once the job is RUNNING and `ready()` (its ranks train, with their signal handlers
+    installed)."""
 
-    def __init__(self, job_id: str, ready, timeout: float = 240):
+    def __init__(self, job_id: str, ready, timeout: float = 240, scancel=("--batch", "--signal=USR1")):
         super().__init__(daemon=True)
-        self.job_id, self.ready, self.timeout = job_id, ready, timeout
+        self.job_id, self.ready, self.timeout, self.scancel = job_id, ready, timeout, list(scancel)
         self.error: str | None = "not signalled yet"
         self.start()
 
@@ -151,8 +154,8 @@ class Preemptor(threading.Thread):
         end = time.monotonic() + self.timeout
         while time.monotonic() < end:
             if self.ready() and live_states(self.job_id) == ["RUNNING"]:
-                p = subprocess.run(["scancel", "--batch", "--signal=USR1", self.job_id], capture_output=True,
-                                   text=True, timeout=30)
+                p = subprocess.run(["scancel", *self.scancel, self.job_id], capture_output=True, text=True,
+                                   timeout=30)
                 self.error = None if p.returncode == 0 else f"scancel failed: {p.stderr}"
                 return
             time.sleep(0.1)
@@ -189,6 +192,7 @@ def jobs(tmp_path_factory):
     try:
         submitted["B"] = submit(tmp, "preempted", PREEMPTIBLE)
         submitted["A"] = submit(tmp, "uninterrupted", PREEMPTIBLE)
+        submitted["C"] = submit(tmp, "cancelled", PREEMPTIBLE)
         submitted["R"] = submit(tmp, "standin", TINY, FTL_PYTHON=str(stand_in_python(tmp)))
         submitted["S"] = submit(tmp, "sweep", TINY, "--grid", "train.micro_batch=2,4")
         # FTL_RDZV_HOST: take the multi-node code path (hostfile, --no_ssh, --node-rank) on this one node
@@ -196,8 +200,9 @@ def jobs(tmp_path_factory):
                                 FTL_RDZV_HOST="localhost")
         submitted["E"] = submit_srun(tmp, "srun", {**TINY, "train.micro_batch": 2})
         # Signal B and R as soon as they are ready, whatever order the tests run in.
-        b_dir, r_dir = submitted["B"][1], submitted["R"][1]
+        b_dir, c_dir, r_dir = submitted["B"][1], submitted["C"][1], submitted["R"][1]
         submitted["preempt"] = {"B": Preemptor(submitted["B"][0], lambda: _training(b_dir, min_step=2)),
+                                "C": Preemptor(submitted["C"][0], lambda: _training(c_dir, min_step=2), scancel=()),
                                 "R": Preemptor(submitted["R"][0], lambda: (r_dir / "ready").exists())}
         yield submitted
     finally:
@@ -212,9 +217,10 @@ def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_one(jo
     runs = wait_final(job_id)
     log = log_text(run_dir)
     states = [r["JobState"] for r in runs]
-    # first run: requeued by the job itself (exit 75: RequeueExit / scontrol requeue); then COMPLETED
+    # first run: requeued by the job script itself (the cluster sets no RequeueExit); then COMPLETED
     assert len(runs) == 2 and states[0] in ("PENDING", "FAILED") and states[1] == "COMPLETED", (states, log)
     assert "step exit 75: requeueing" in log and "(restart 1)" in log, log
+    assert "scontrol requeue failed" not in log, log
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
     assert resumed and 2 <= int(resumed.group(1)) < PREEMPTIBLE["train.max_steps"], log
     assert (run_dir / "final" / "model.safetensors").is_file()
@@ -232,9 +238,25 @@ def test_job_script_passes_usr1_to_the_step_and_requeues_on_exit_75(jobs):
     assert [r["JobState"] for r in runs][1:] == ["COMPLETED"] and runs[0]["JobState"] in ("PENDING", "FAILED"), log
     assert (run_dir / "saved").read_text() == "1"  # the rank got USR1 exactly once
     assert (run_dir / "resumed").read_text() == "1"  # the requeued run: same job id, SLURM_RESTART_COUNT=1
+    assert "scontrol requeue failed" not in log, log
     first, second = log.index("SIGUSR1: the ranks save"), log.index("start (restart 1)")
     assert first < log.index("step exit 75: requeueing") < second  # one log, appended across runs
     assert log.rstrip().endswith("step exit 0")
+
+
+def test_cancelled_job_saves_a_checkpoint_and_is_not_requeued(jobs):
+    from engine import checkpoint
+
+    job_id, run_dir = jobs["C"]
+    assert jobs["preempt"]["C"].outcome() is None, (jobs["preempt"]["C"].outcome(), log_text(run_dir))
+    runs = wait_final(job_id)
+    log = log_text(run_dir)
+    assert [r["JobState"] for r in runs] == ["CANCELLED"], log
+    assert "after SIGTERM (scancel, time limit or SLURM's requeue): not requeueing" in log, log
+    assert "requeueing to resume" not in log and "(restart" not in log, log
+    saved = checkpoint.find_latest(run_dir / "checkpoints")  # the ranks saved within KillWait
+    assert saved is not None and 2 <= checkpoint.read_state(saved)["step"] < PREEMPTIBLE["train.max_steps"], log
+    assert not (run_dir / "final").exists()
 
 
 def test_job_runs_to_completed_and_exports_final(jobs):
