@@ -12,7 +12,8 @@ request at a time under a lock, which also makes `seed` reproducible. Bad reques
 JSON body {"error": "..."} naming every problem: 400 malformed JSON / wrong fields or values,
 404 unknown path (or the endpoint of the other head), 405 wrong method, 411 no Content-Length,
 413 body over --max-body-bytes, 415 a Content-Type other than JSON (curl's default form type is
-accepted and parsed as JSON). Classification of texts longer
+accepted and parsed as JSON), 403 a POST with an Origin header (a web page in the user's browser: a
+form-encoded POST needs no CORS preflight, so it would otherwise reach this unauthenticated endpoint). Classification of texts longer
 than the model's positions pools windows (engine/windows.py), like evaluation does.
 """
 
@@ -181,6 +182,11 @@ def make_handler(service: ModelService, max_body: int, quiet: bool = False):
                 if path in ("/", "/health"):
                     return self._error(405, f"{path} takes GET", {"Allow": "GET"})
                 return self._error(404, f"no such endpoint {path!r}; POST /generate or /classify, GET /health")
+            if self.headers.get("Origin"):
+                # Browsers add Origin to cross-site POSTs; a form-encoded one needs no CORS preflight, so
+                # without this any web page the user opens could drive this unauthenticated endpoint.
+                return self._error(403, "requests from web pages (an Origin header) are refused: the endpoint has "
+                                        "no authentication; call it from a program (curl, requests)")
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or "Content-Length" not in self.headers:
                 return self._error(411, "send a Content-Length header (chunked bodies are not accepted)")
             try:

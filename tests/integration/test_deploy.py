@@ -244,6 +244,11 @@ def test_serve_rejects_bad_requests_with_clear_4xx(lm_server):
     assert status == 413 and "exceeds the limit of 2048 bytes" in body["error"]
     status, body, _ = s.request("POST", "/generate", raw=b"prompt=x", headers={"Content-Type": "text/plain"})
     assert status == 415
+    # a web page's cross-site form POST (no CORS preflight for form types) is refused
+    status, body, _ = s.request("POST", "/generate", raw=b'{"prompt": "x"}',
+                                headers={"Content-Type": "application/x-www-form-urlencoded",
+                                         "Origin": "http://evil.example"})
+    assert status == 403 and "Origin" in body["error"]
     status, body, resp = s.request("GET", "/generate")
     assert status == 405 and resp.getheader("Allow") == "POST"
     status, body, _ = s.request("POST", "/nope", {"prompt": "x"})
