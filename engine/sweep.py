@@ -305,8 +305,7 @@ def run_local(plan: Plan, out: Path, runner=run_in_process, log=print) -> None:
         final = stage == plan.max_steps
         log(f"sweep: {len(alive)} trial(s) to step {stage}" + ("" if final else f" (rung {i + 1}/{len(plan.rungs)})"))
         for t in alive:
-            status = trial_status(out / t.name, plan.max_steps)
-            if status["failed"] or status["step"] >= stage:
+            if not still_to_run(out / t.name, plan.max_steps, stage):
                 continue
             log(f"sweep: {t.name} {' '.join(t.overrides())} -> step {stage}")
             result = runner(train_args(plan, t, out, 0 if final else stage))
@@ -331,7 +330,8 @@ def check_metric(plan: Plan, run_dir: Path) -> None:
 def promote(plan: Plan, out: Path, trials: list[Trial], rung: int) -> list[Trial]:
     """The best ceil(n / eta) trials at `rung` (failed or unmeasured ones never continue)."""
     scored = [(metric_at(out / t.name, plan.metric, rung), t) for t in trials]
-    ok = [(v, t) for v, t in scored if v is not None and not (out / t.name / "FAILED").exists()]
+    # NaN (a diverged trial) is unmeasured too: it would land anywhere in a sort
+    ok = [(v, t) for v, t in scored if _rankable(v) and not (out / t.name / "FAILED").exists()]
     ok.sort(key=lambda vt: vt[0], reverse=plan.mode == "max")
     keep = max(1, math.ceil(len(trials) / plan.eta))
     return [t for _, t in ok[:keep]]
@@ -360,15 +360,28 @@ def metric_at(run_dir: Path, metric: str, step: int | None = None):
     return float(rows[-1][metric]) if rows else None
 
 
+def _rankable(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def still_to_run(run_dir: Path, max_steps: int, stage: int) -> bool:
+    """Whether a trial has yet to reach `stage` (not failed, not finished or early-stopped, not past it)."""
+    st = trial_status(run_dir, max_steps)
+    return not (st["failed"] or st["done"] or st["step"] >= stage)
+
+
 def trial_status(run_dir: Path, max_steps: int) -> dict:
-    """How far a trial got: {'step', 'done', 'failed', 'reason'}."""
+    """How far a trial got: {'step', 'done', 'early', 'failed', 'reason'}. A trial that stopped itself
+    (eval.patience ran out) is done too, at fewer steps than max_steps."""
     from engine import checkpoint
 
     failed = (run_dir / "FAILED").read_text(encoding="utf-8").strip() if (run_dir / "FAILED").is_file() else ""
     latest = checkpoint.find_latest(run_dir / "checkpoints")
-    step = int(json.loads((latest / checkpoint.STATE).read_text())["step"]) if latest else 0
-    done = step >= max_steps and (run_dir / "final").is_dir()
-    return {"step": step, "done": done, "failed": bool(failed), "reason": failed}
+    state = checkpoint.read_state(latest) if latest else {}
+    step = int(state.get("step", 0))
+    early = bool((state.get("best") or {}).get("stopped")) and step < max_steps
+    done = (step >= max_steps or early) and (run_dir / "final").is_dir()
+    return {"step": step, "done": done, "early": early and done, "failed": bool(failed), "reason": failed}
 
 
 @dataclass
@@ -392,7 +405,7 @@ def collect(plan: Plan, out: Path) -> list[Row]:
         if st["failed"]:
             status = "failed"
         elif st["done"]:
-            status = "done"
+            status = f"early-stopped@{st['step']}" if st["early"] else "done"
         elif st["step"]:
             status = f"stopped@{st['step']}"
         else:
@@ -401,8 +414,11 @@ def collect(plan: Plan, out: Path) -> list[Row]:
     sign = -1.0 if plan.mode == "max" else 1.0
 
     def key(r: Row):
-        group = 0 if r.status == "done" else 1 if r.status.startswith("stopped") else 2
-        return (group, -r.step, sign * r.metric if r.metric is not None and group < 2 else math.inf, r.trial)
+        # finished trials (early-stopped ones included) compete on their metric alone; rung-stopped
+        # ones by how far they got; a NaN metric sorts last in its group
+        group = 0 if r.status == "done" or r.status.startswith("early") else 1 if r.status.startswith("stopped") else 2
+        value = sign * r.metric if _rankable(r.metric) and group < 2 else math.inf
+        return (group, 0 if group == 0 else -r.step, value, r.trial)
 
     return sorted(rows, key=key)
 
@@ -492,7 +508,8 @@ def summarize(out: Path, log=print) -> dict:
     write_hparams(plan, out, rows)
     log(text.rstrip())
     result = {"rows": rows, "best": None}
-    best = rows[0] if rows and rows[0].status == "done" and rows[0].metric is not None else None
+    finished = rows and (rows[0].status == "done" or rows[0].status.startswith("early"))
+    best = rows[0] if finished and _rankable(rows[0].metric) else None
     if best is not None:
         result["best"] = write_best(plan, out, best)
         log(f"best: {best.trial} {plan.metric} {_fmt(best.metric)} -> {result['best']} "
@@ -625,7 +642,7 @@ def run_slurm(plan: Plan, out: Path, sbatch_args: list[str], wait: bool, nproc: 
     jobs = []
     for stage in [*plan.rungs, plan.max_steps]:
         final = stage == plan.max_steps
-        todo = [t for t in alive if trial_status(out / t.name, plan.max_steps)["step"] < stage]
+        todo = [t for t in alive if still_to_run(out / t.name, plan.max_steps, stage)]
         if todo:
             job = slurm_submit(plan, out, todo, 0 if final else stage, sbatch_args, nproc)
             jobs.append(job)
