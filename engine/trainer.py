@@ -330,7 +330,9 @@ class Trainer:
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
                                      self.data.label_names)
             dist.barrier()
-            self.verify_export(out)
+            diff = self.verify_export(out)
+        self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
+                           f"(max |diff| {diff:.2g})")
 
     def verify_export(self, out: Path, atol: float = 1e-4) -> float:
         """Max |logit difference| between the engine's model and `out` reloaded by plain transformers."""

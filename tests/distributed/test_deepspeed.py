@@ -13,6 +13,8 @@ and the stage-3 offload run is started by the `deepspeed` launcher instead of to
 from __future__ import annotations
 
 import json
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -296,8 +298,6 @@ def test_zero0_skips_a_nan_step_like_ddp(root, corpus):
 
 @pytest.fixture(scope="module")
 def sentiment(tmp_path_factory) -> Path:
-    import random
-
     rng = random.Random(0)
     good = "bright calm clean fresh gentle happy kind lovely nice warm".split()
     bad = "awful broken cold dirty grim harsh nasty rotten sad ugly".split()
@@ -318,10 +318,14 @@ def test_zero3_cls_head_from_a_pretrained_directory(single, sentiment, root):
     from engine.backends.deepspeed import full_state_from_checkpoint
 
     run_dir = root / "zero3_cls"
-    check(torchrun(2, ["train", "--no-progress", *tiny_overrides(run_dir, **{
+    proc = check(torchrun(2, ["train", "--no-progress", *tiny_overrides(run_dir, **{
         "model.name": single / "final", "model.head": "cls", "data.source": sentiment, "data.val_fraction": 0.25,
         "train.micro_batch": 4, "train.max_steps": 3, "optim.lr": 3e-3, "dist.backend": "deepspeed",
         "dist.zero_stage": 3})]))
+    # the run's own check: the sharded engine model (gathered on every rank) against final/ reloaded
+    checked = re.search(r"export check: final/ reloaded by plain transformers gives the engine's logits "
+                        r"\(max \|diff\| (\S+)\)", proc.stdout + proc.stderr)
+    assert checked and float(checked.group(1)) <= 1e-4, proc.stderr[-3000:]
     final = run_dir / "final"
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     assert model.config.id2label == {0: "neg", 1: "pos"}
