@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -507,10 +508,8 @@ def environment(env) -> dict:
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "world_size": env.world_size,
         "device": env.device.type,
     }
-    with contextlib.suppress(ImportError):
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # no import: deepspeed stays in backends/
+        info["deepspeed"] = importlib.metadata.version("deepspeed")
     if env.device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(env.device), cuda=torch.version.cuda,
                     gpu_memory_gib=round(torch.cuda.get_device_properties(env.device).total_memory / 2**30, 1))
@@ -527,7 +526,8 @@ def run_grid(points: list[Point], opts: Options) -> dict:
 
     env = dist.init("auto")
     if any(p.backend != "ddp" for p in points):
-        _process_group_of_one(env)
+        # DeepSpeed keeps its groups cached across engines: one group of one for every ZeRO row of the grid
+        dist.init_single_process_group(env.device)
     opts.out.mkdir(parents=True, exist_ok=True)
     cache = opts.out / "_data"
     if env.is_main:
@@ -581,20 +581,6 @@ def run_grid(points: list[Point], opts: Options) -> dict:
         write_outputs(report, opts.out)
     dist.shutdown()
     return report
-
-
-def _process_group_of_one(env) -> None:
-    """DeepSpeed needs a process group even in one process, and keeps its own groups cached across
-    engines; a group that outlives every measurement of the grid (instead of one made and destroyed by
-    each DeepSpeed engine) keeps the second ZeRO row from meeting the first one's dead group."""
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_initialized():
-        return
-    os.environ.setdefault("LOCAL_RANK", "0")
-    cuda = env.device.type == "cuda"
-    torch_dist.init_process_group("nccl" if cuda else "gloo", store=torch_dist.HashStore(), rank=0, world_size=1,
-                                  device_id=env.device if cuda else None)
 
 
 def _jsonable(obj):
