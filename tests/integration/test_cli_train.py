@@ -2,6 +2,7 @@
 and the commands that work on the exported model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -99,6 +100,13 @@ def test_rerun_resumes_and_export_command(lm_run, tmp_path):
     run_dir, _ = lm_run
     again = check(run_ftl(["train", *tiny_overrides(run_dir, **{"train.max_steps": 6})]))
     assert "run already complete at step 6" in again.stderr
+    # checkpoint.resume=none ignores the checkpoints there and trains from step 0: the same losses again
+    fresh_dir = tmp_path / "fresh"
+    shutil.copytree(run_dir, fresh_dir)
+    fresh = check(run_ftl(["train", *tiny_overrides(fresh_dir, **{"train.max_steps": 6, "checkpoint.resume": "none"})]))
+    assert "step 1/6" in fresh.stderr and "resumed from" not in fresh.stderr and "already complete" not in fresh.stderr
+    first = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["loss"] for r in read_metrics(fresh_dir) if "loss" in r][-6:] == first
     out = tmp_path / "exported"
     check(run_ftl(["export", run_dir / "checkpoints/step-000003", "--out", out]))
     w3 = load_file(str(out / "model.safetensors"))
