@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peaks by device-name fragment, the most specific first: the PCIe and NVL boards of a chip run
+# at lower clocks and power than its SXM board, whose figure (989 TFLOP/s for H100/H200) the issue fixes.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def flops_per_token(n_params_no_pos: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
@@ -37,7 +40,10 @@ def model_flops_per_token(hf_config, n_params: int, seq_len: int) -> float:
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
     for key, value in PEAK_BF16_FLOPS.items():
         if key in name:
             return value

@@ -89,13 +89,13 @@ def test_compile_under_two_rank_ddp_gives_eager_losses(fast_run, tmp_path):
     assert max_weight_diff(two, fast_run) < 1e-5
 
 
-def test_compile_under_zero2_gives_eager_losses(fast_run, tmp_path):
-    """The same with DeepSpeed ZeRO-2 (the engine compiles through DeepSpeed's engine.compile)."""
-    pytest.importorskip("engine.backends.deepspeed", reason="the DeepSpeed backend (issue 3) is not merged yet")
-    two = tmp_path / "zero2"
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_compile_under_zero_gives_eager_losses(fast_run, tmp_path, stage):
+    """The same with DeepSpeed ZeRO 0-2 (the engine compiles through DeepSpeed's engine.compile)."""
+    two = tmp_path / f"zero{stage}"
     args = tiny_overrides(two, **{**FAST, "train.micro_batch": 2, "model.compile": "true",
                                   "perf.compile_backend": "aot_eager", "dist.backend": "deepspeed",
-                                  "dist.zero_stage": 2})
+                                  "dist.zero_stage": stage})
     check(torchrun(2, ["train", *args]))
     assert train_losses(two) == pytest.approx(train_losses(fast_run), rel=1e-5)
     assert max_weight_diff(two, fast_run) < 1e-5

@@ -190,3 +190,16 @@ def test_fused_gelu_is_gpt2s_gelu_in_one_kernel(tokenizer):
     assert torch.allclose(module.logits(ids), plain(input_ids=ids).logits, atol=1e-5)
     untouched = model_lib.TrainModule(build(tokenizer), "lm", PerfConfig(fused_gelu=False))
     assert type(untouched.hf.transformer.h[0].mlp.act) is NewGELUActivation
+
+
+def test_mfu_peak_by_device_name():
+    """989 TFLOP/s for the SXM H100/H200 the MFU goal names; the slower PCIe/NVL boards get their own."""
+    from engine import metrics
+
+    assert metrics.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.peak_flops_of("NVIDIA H200") == 989e12
+    assert metrics.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert metrics.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.peak_flops_of("Some Future GPU") is None  # no MFU rather than a wrong one
+    assert metrics.peak_flops(torch.device("cpu")) is None
