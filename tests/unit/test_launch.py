@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import dist, slurm
 from engine.cli import main
@@ -44,7 +45,8 @@ def test_dry_run_one_node(capsys):
     # default: all local GPUs, 1 process on a CPU machine; --max-restarts passes through, with the
     # store workaround for restarts (pytorch#135712)
     out = ftl(capsys, "launch", "--dry-run", "--max-restarts", 2)
-    assert out == (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 {PY} -m torch.distributed.run --nproc-per-node=1 "
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    assert out == (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 {PY} -m torch.distributed.run --nproc-per-node={n} "
                    f"--standalone --max-restarts=2 {FLAGS} -m engine.cli train\n")
 
 
@@ -64,7 +66,8 @@ def test_dry_run_deepspeed_one_node(capsys):
                    "--module engine.cli train\n")
     # without an endpoint a free port is picked, so concurrent jobs on one node do not collide
     out = ftl(capsys, "launch", "--launcher", "deepspeed", "--dry-run")
-    assert re.fullmatch(re.escape(f"{PY} -m deepspeed.launcher.runner --num_gpus=1 --master_port=") + r"\d+"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    assert re.fullmatch(re.escape(f"{PY} -m deepspeed.launcher.runner --num_gpus={n} --master_port=") + r"\d+"
                         + re.escape(" --no_local_rank --module engine.cli train") + "\n", out)
 
 
