@@ -13,8 +13,9 @@ JSON body {"error": "..."} naming every problem: 400 malformed JSON / wrong fiel
 404 unknown path (or the endpoint of the other head), 405 wrong method, 411 no Content-Length,
 413 body over --max-body-bytes, 415 a Content-Type other than JSON (curl's default form type is
 accepted and parsed as JSON), 403 a POST with an Origin header (a web page in the user's browser: a
-form-encoded POST needs no CORS preflight, so it would otherwise reach this unauthenticated endpoint). Classification of texts longer
-than the model's positions pools windows (engine/windows.py), like evaluation does.
+form-encoded POST needs no CORS preflight, so it would otherwise reach this unauthenticated endpoint).
+Classification of texts longer than the model's positions pools windows (engine/windows.py), like
+evaluation does.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 All jobs are submitted at once by `ftl slurm ... --submit` (one module fixture) and run side by side,
 one CPU and one rank each:
-  A  train.sbatch, uninterrupted: runs to COMPLETED and exports final/.
+  A  train.sbatch, uninterrupted, through its multi-node branch (c10d rendezvous on the first node, here
+     the only one): runs to COMPLETED and exports final/.
   B  the same job, sent the preemption signal mid-run (`scancel --batch --signal=USR1`, what
      `--signal=B:USR1@N` and preemption deliver): checkpoints, exits 75, is requeued under the same
      job id, resumes, completes with A's losses.
@@ -191,7 +192,8 @@ def jobs(tmp_path_factory):
     submitted = {}
     try:
         submitted["B"] = submit(tmp, "preempted", PREEMPTIBLE)
-        submitted["A"] = submit(tmp, "uninterrupted", PREEMPTIBLE)
+        # FTL_RDZV_HOST: A takes the script's multi-node torchrun branch (c10d rendezvous, --rdzv-id = job id)
+        submitted["A"] = submit(tmp, "uninterrupted", PREEMPTIBLE, FTL_RDZV_HOST="localhost")
         submitted["C"] = submit(tmp, "cancelled", PREEMPTIBLE)
         submitted["R"] = submit(tmp, "standin", TINY, FTL_PYTHON=str(stand_in_python(tmp)))
         submitted["S"] = submit(tmp, "sweep", TINY, "--grid", "train.micro_batch=2,4")
@@ -266,6 +268,8 @@ def test_job_runs_to_completed_and_exports_final(jobs):
     assert [r["JobState"] for r in runs] == ["COMPLETED"], log
     assert (run_dir / "slurm" / f"{runs[0]['Name']}-{job_id}.out").is_file()  # log per job id, in the run
     assert "(restart" not in log and "step exit 0" in log
+    port = 20000 + int(job_id) % 12000  # the script's port rule (= engine.dist.slurm_port)
+    assert f"--nnodes=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:{port} --rdzv-id={job_id}" in log, log
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
