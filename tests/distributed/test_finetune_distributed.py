@@ -86,7 +86,7 @@ def test_weighted_lora_fine_tune_ddp_two_ranks(tmp_path, reference):
     check_against_reference(two, reference)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_weighted_lora_fine_tune_zero_two_ranks(stage, tmp_path, reference):
     from engine import tools
 
