@@ -15,8 +15,8 @@ def fmt_bytes(n: float) -> str:
 
 
 def _parts(report: dict) -> str:
-    keys = [k for k in ("params", "grads", "optimizer") if k in report]
-    text = " | ".join(f"{k} {fmt_bytes(report[k])}" for k in keys)
+    keys = [k for k in ("params", "grads", "optimizer", "params_at_build") if k in report]
+    text = " | ".join(f"{k.replace('_', ' ')} {fmt_bytes(report[k])}" for k in keys)
     for k in ("cuda_max_allocated", "host_max_rss"):
         if k in report:
             text += f" | {k.replace('_', ' ')} {fmt_bytes(report[k])}"
@@ -30,9 +30,13 @@ def planned_line(backend) -> str:
     return f"memory per rank, planned for {backend.name}: " + (_parts(report) if report else "n/a")
 
 
-def log_measured(backend, metrics, step: int) -> dict:
-    """Every rank calls this once (it gathers); rank 0 prints and logs one metrics row."""
-    everyone = dist.all_gather_object(backend.measured_memory())
+def log_measured(backend, metrics, step: int, built_param_bytes: int | None = None) -> dict:
+    """Every rank calls this once (it gathers); rank 0 prints and logs one metrics row. `built_param_bytes`:
+    the parameter bytes this rank held as whole tensors right after the model was built (`params_at_build`)."""
+    mine = backend.measured_memory()
+    if built_param_bytes is not None:
+        mine["params_at_build"] = built_param_bytes
+    everyone = dist.all_gather_object(mine)
     row = {"memory": {"backend": backend.name, "planned": backend.memory_report(), "measured": everyone}}
     metrics.log(step, row)
     for rank, report in enumerate(everyone):

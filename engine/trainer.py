@@ -56,6 +56,9 @@ class Trainer:
             hf = model_lib.build(cfg.model, self.source, self.data.tokenizer, self.data.num_labels)
             if cfg.model.head == "lm":  # in construct(): ZeRO-3 partitions the padded embedding as it is made
                 fastpath.install_lm_head(hf, cfg.perf)
+        # Parameter bytes held as whole tensors once built: the full model for DDP, ~nothing under ZeRO-3,
+        # whose construction partitions each module as it is made (reported with the first step's memory).
+        self.built_param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         transfer.adapt(hf, cfg.model)  # model.freeze / LoRA (outside construct: adapters are new parameters)
         if self.data.label_names:
             hf.config.id2label = dict(enumerate(self.data.label_names))
@@ -212,7 +215,7 @@ class Trainer:
             window_loss += torch.stack([loss_sum, count])
             window_tokens += tokens
             if not memory_logged:  # once, after the first step: what each rank really holds
-                memory.log_measured(self.backend, m, self.step)
+                memory.log_measured(self.backend, m, self.step, self.built_param_bytes)
                 memory_logged = True
             # True when any rank got SIGTERM/SIGUSR1 (agreed by all); counts non-finite (skipped) steps.
             preempted = self.fault.step_ends(self.step, grad_norm)

@@ -186,12 +186,14 @@ def test_memory_report_and_zero3_shards_parameters(runs, single):
         assert {"params", "grads", "optimizer"} <= planned.keys() and planned["zero_stage"] == int(name[-1])
         for rank in measured:
             if name == "zero3":
+                # built under zero.Init: every module partitioned as it was made, no whole weight left behind
+                assert rank["params_at_build"] == 0, rank
                 # about 1/world of the model: the partitions, plus the few small vectors ZeRO-3 keeps whole
                 # (stage3_param_persistence_threshold = 10 x hidden)
                 assert 0.45 * full <= rank["params"] <= 0.55 * full, (rank, full)
                 assert 0.45 * full <= planned["params"] <= 0.55 * full
             else:  # stage 1 shards only optimizer state: every rank holds the whole model
-                assert rank["params"] == full == planned["params"]
+                assert rank["params"] == full == planned["params"] == rank["params_at_build"]
             # Adam moments and the fp32 master copy are sharded at both stages: 12 bytes/param / world
             assert rank["optimizer"] <= 0.55 * 3 * full
             # the planned figures are what the ranks really hold
@@ -331,6 +333,8 @@ def test_zero3_cls_head_from_a_pretrained_directory(single, sentiment, root):
     checked = re.search(r"export check: final/ reloaded by plain transformers gives the engine's logits "
                         r"\(max \|diff\| (\S+)\)", proc.stdout + proc.stderr)
     assert checked and float(checked.group(1)) <= 1e-4, proc.stderr[-3000:]
+    # from_pretrained under ZeRO-3 (transformers' zero.Init path): no rank kept a whole weight when built
+    assert [r["params_at_build"] for r in memory_row(run_dir)["measured"]] == [0, 0]
     final = run_dir / "final"
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     assert model.config.id2label == {0: "neg", 1: "pos"}
