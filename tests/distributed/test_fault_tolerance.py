@@ -85,6 +85,33 @@ def test_sigterm_to_torchrun_saves_exits_75_and_resumes_bitwise(reference, tmp_p
     assert bitwise_equal(checkpoint_tensors(run / "checkpoints" / f"step-{STEPS:06d}"), ref_state) == []
 
 
+def test_sigusr1_under_zero2_saves_exits_75_and_resumes_exactly(tmp_path):
+    """Preemption with the DeepSpeed backend: USR1 straight to both ranks (what srun delivers); they stop
+    at one step with a complete DeepSpeed checkpoint, `ftl launch` exits 75, and the resumed run repeats
+    the uninterrupted ZeRO-2 run's losses."""
+    over = {"train.max_steps": 16, "train.sample_tokens": 0, "dist.backend": "deepspeed", "dist.zero_stage": 2}
+    straight = tmp_path / "straight"
+    check(torchrun(2, ["train", *tiny_overrides(straight, **over)]))
+    run = tmp_path / "run"
+    job = Watched(ftl_cmd(["launch", "--nproc-per-node", "2", *tiny_overrides(run, **over)]))
+    job.wait_for(r"step 3/16")
+    workers = job.descendants("engine.cli train")
+    assert len(workers) == 2
+    for w in workers:
+        w.send_signal(signal.SIGUSR1)
+    rc = job.wait()
+    out = job.output
+    assert rc == EXIT_PREEMPTED, out[-5000:]
+    stopped = int(re.search(r"stopped: preempted \(SIGUSR1 received\): checkpoint \S+ saved at step (\d+)", out)[1])
+    assert 3 <= stopped < 16
+    ckpt = run / "checkpoints" / f"step-{stopped:06d}"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "deepspeed" / "layout.json").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    resumed = check(torchrun(2, ["train", *tiny_overrides(run, **over)]))
+    assert f"resumed from {ckpt} at step {stopped}" in resumed.stdout + resumed.stderr
+    assert losses_by_step(run) == losses_by_step(straight)
+
+
 def test_elastic_restart_after_a_crash_ends_with_the_same_weights(reference, tmp_path):
     ref_losses, ref_state = reference
     run = tmp_path / "run"
