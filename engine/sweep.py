@@ -393,6 +393,11 @@ class Row:
     step: int
     run_dir: str
 
+    @property
+    def finished(self) -> bool:
+        """Trained to max_steps, or stopped by its own eval.patience: either way it will not continue."""
+        return self.status == "done" or self.status.startswith("early-stopped")
+
 
 def collect(plan: Plan, out: Path) -> list[Row]:
     """One row per trial, best first: finished trials by their final metric, then trials stopped at a
@@ -416,7 +421,7 @@ def collect(plan: Plan, out: Path) -> list[Row]:
     def key(r: Row):
         # finished trials (early-stopped ones included) compete on their metric alone; rung-stopped
         # ones by how far they got; a NaN metric sorts last in its group
-        group = 0 if r.status == "done" or r.status.startswith("early") else 1 if r.status.startswith("stopped") else 2
+        group = 0 if r.finished else 1 if r.status.startswith("stopped") else 2
         value = sign * r.metric if _rankable(r.metric) and group < 2 else math.inf
         return (group, 0 if group == 0 else -r.step, value, r.trial)
 
@@ -508,8 +513,7 @@ def summarize(out: Path, log=print) -> dict:
     write_hparams(plan, out, rows)
     log(text.rstrip())
     result = {"rows": rows, "best": None}
-    finished = rows and (rows[0].status == "done" or rows[0].status.startswith("early"))
-    best = rows[0] if finished and _rankable(rows[0].metric) else None
+    best = rows[0] if rows and rows[0].finished and _rankable(rows[0].metric) else None
     if best is not None:
         result["best"] = write_best(plan, out, best)
         log(f"best: {best.trial} {plan.metric} {_fmt(best.metric)} -> {result['best']} "
