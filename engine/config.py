@@ -157,7 +157,7 @@ class DataConfig:
     pack: bool = opt(True, "LM: concatenate documents (EOS between them) and cut into full blocks; false: one padded sample per document.")
     overflow: str = opt("truncate", "Documents longer than seq_len (cls, and lm with data.pack=false): truncate keeps the "
                                     "first seq_len tokens; window cuts them into windows data.stride tokens apart "
-                                    "(README: Long inputs).", ("truncate", "window"))
+                                    "(docs/fine-tuning.md: Long inputs).", ("truncate", "window"))
     stride: int = opt(0, "overflow=window: tokens between window starts (overlap = seq_len - stride); 0: seq_len, no overlap.")
     max_windows: int = opt(0, "overflow=window: at most this many windows per document (0: no cap).")
     window_pool: str = opt("mean", "overflow=window, cls evaluation: pool the class probabilities of a document's windows "
