@@ -178,8 +178,9 @@ class MlflowSink:
             self.client.set_tag(rid, "ftl.resume_steps", ",".join(steps))
             logged = run.data.params
             self._log_params(rid, {k: v for k, v in params.items() if k not in logged})
-            for k, v in params.items():
-                if k in logged and logged[k] != v:
+            for k, v in params.items():  # a change is tagged once, at the step it took effect
+                known = run.data.tags.get(f"ftl.changed.{k}", "").rsplit(" from step ", 1)[0]
+                if k in logged and logged[k] != v and known != v:
                     self.client.set_tag(rid, f"ftl.changed.{k}", f"{v} from step {start_step}"[:5000])
         self.run_id = run.info.run_id
 

@@ -287,7 +287,7 @@ class Trainer:
                 (loss_total, targets), tok = window_loss.tolist(), float(window_tokens)
                 self.tokens_seen += tok
                 row = {"loss": loss_total / max(targets, 1.0), "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": self.tokens_seen, "epoch": round(self.sample_index / len(self.data.train), 4),
+                       "tokens": self.tokens_seen, "epoch": round(self.sample_index / len(self.data.train), 6),
                        **self.fault.log_fields(), **self.throughput.read(tok)}
                 m.log(self.step, row)
                 m.print(f"step {self.step}/{cfg.train.max_steps} | " + _fmt(row))
