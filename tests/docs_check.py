@@ -358,8 +358,10 @@ def _config_resolves(config: list[str], sets: list[str]) -> list[str]:
     try:
         load_config(path, sets)
     except UsageError as e:
-        # Paths that exist only after an earlier command of the same page (a checkpoint) are fine.
-        real = [p for p in e.problems if "checkpoint.resume: no checkpoint" not in p]
+        # Paths that exist only after an earlier documented command (a checkpoint, runs/default/final) are
+        # fine here; test_docs checks that some documented command makes every runs/NAME the docs read.
+        real = [p for p in e.problems if "checkpoint.resume: no checkpoint" not in p
+                and not re.search(r"the directory '(\./)?runs/[^']*' does not exist", p)]
         return [f"config does not resolve: {p}" for p in real]
     finally:
         os.chdir(old)
