@@ -240,6 +240,12 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
         model = auto.from_config(cfg)
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
+    if head == "lm":  # plain `generate` stops where the engine does: EOS and a chat template's end-of-turn marker
+        from engine.sft import end_of_turn_ids
+
+        stop = end_of_turn_ids(tokenizer)
+        if len(stop) > 1:
+            model.generation_config.eos_token_id = stop
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"export is missing weights for {missing[:5]}")
