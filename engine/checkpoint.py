@@ -219,8 +219,10 @@ class Checkpointer:
         return state
 
 
-def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, label_names: list[str] | None = None) -> None:
-    """Write a plain transformers model directory (safetensors + tokenizer) from full weights (rank 0)."""
+def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, label_names: list[str] | None = None,
+              extras=None) -> None:
+    """Write a plain transformers model directory (safetensors + tokenizer) from full weights (rank 0);
+    `extras(dir)` adds files before the directory appears (a LoRA run's adapter/)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = hf_config.__class__.from_dict(hf_config.to_dict())
@@ -253,6 +255,8 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if extras is not None:
+        extras(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

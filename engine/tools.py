@@ -279,9 +279,15 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     if head == "lm":  # checkpoints hold the padded vocabulary (perf.pad_vocab_to)
         weights = fastpath.unpad_state_dict(weights, hf_config.vocab_size)
     labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)] if head == "cls" else None
+    extras = None
     if state["config"]["model"].get("lora_rank"):
+        from engine import transfer
+        from engine.config import from_dict
+
+        adapter, model_cfg = weights, from_dict(state["config"])[0].model
+        extras = lambda d: transfer.save_adapter(adapter, model_cfg, head, d / "adapter", tok)
         weights = lora_checkpoint_weights(state, weights, tok, labels)
-    checkpoint.export_hf(hf_config, head, weights, tok, out, labels)
+    checkpoint.export_hf(hf_config, head, weights, tok, out, labels, extras=extras)
     verify_weights(out, weights, head)
     return out
 

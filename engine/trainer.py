@@ -336,9 +336,14 @@ class Trainer:
         with self.fault.slow_section():  # rank 0 writes while the others wait: start-up-sized limits
             state = self.backend.full_state_dict()
             if self.env.is_main:
+                adapter = None
+                if self.cfg.model.lora_rank:  # beside the merged model: the adapters alone, in PEFT's format
+                    unmerged = state
+                    adapter = lambda d: transfer.save_adapter(unmerged, self.cfg.model, self.cfg.model.head,
+                                                              d / "adapter", self.data.tokenizer)
                 state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
-                                     self.data.label_names)
+                                     self.data.label_names, extras=adapter)
             dist.barrier()
             diff = self.verify_export(out)
         self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
