@@ -633,6 +633,11 @@ def _map(ds, fn, desc: str, features, batch_size: int = 1000):
 
 def prepare_split(ds, tokenizer, cfg: DataConfig, split: str, problems: RowProblems):
     """Encode (checking every row), apply data.overflow, pack: (rows dataset, Stats)."""
+    if len(ds) == 0:  # no validation split (data.val_fraction=0)
+        import datasets
+
+        return datasets.Dataset.from_dict({k: [] for k in ("input_ids", "labels", "lengths")},
+                                          features=_features("rows")).with_format("numpy"), Stats()
     encoded = _map(ds, _encoder(tokenizer, cfg), f"encoding {split} examples", _features("encoded"))
     for p in encoded["problem"]:
         if p:
