@@ -33,7 +33,8 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13"],
+        # openai: the official client drives `ftl serve`'s OpenAI-compatible endpoints in the tests
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "openai>=1.40"],
         "lora": ["peft>=0.13"],  # model.lora_rank
     },
     entry_points={"console_scripts": ["ftl=engine.cli:main"]},

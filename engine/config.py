@@ -305,7 +305,8 @@ class TrainConfig:
                          "(fp16 adds dynamic loss scaling).", ("auto", "fp32", "bf16", "fp16"))
     clip_grad: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     device: str = opt("auto", "auto (cuda when available), cuda, or cpu.", ("auto", "cuda", "cpu"))
-    sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head; 0 disables).")
+    sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head, data.format=text; "
+                                 "prompt_completion/chat runs show eval.generations instead; 0 disables).")
     sample_prompt: str = opt("The ", "Prompt of that sample.")
     stop_at_step: int = opt(0, "Stop after this step with a checkpoint and an eval but no final export, as if paused; "
                                "the schedule still spans max_steps and running again with a later stop (or 0) "

@@ -6,6 +6,10 @@ Sources (`data.source`), all read through Hugging Face `datasets`:
   local files     .txt (paragraphs) / .jsonl / .json / .csv / .parquet, globs allowed
   hub datasets    `name` or `name:config` (downloaded by datasets; never in tests or the default job)
 
+data.format=prompt_completion / chat (and data.mix) read examples instead of a text stream: engine/sft.py
+checks and normalizes the rows, marks the target tokens and packs whole examples into rows; a sample is
+then one such row, sampled like any other.
+
 Sampling is addressed by GLOBAL SAMPLE INDEX: step s of a run with global batch B covers indices
 [s*B, (s+1)*B) of an endless stream, epoch e being a seeded permutation of the training samples.
 Which rank and micro-batch gets which index only splits that set, so every world x micro x accum split

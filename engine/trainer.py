@@ -422,6 +422,10 @@ class Trainer:
         if d.chat is not None:
             lines.append(f"data: chat template: {d.chat.origin}; generation stops at token ids {d.chat.stop_ids} "
                          f"({', '.join(repr(d.tokenizer.convert_ids_to_tokens(i)) for i in d.chat.stop_ids)})")
+            if len(d.chat.stop_ids) < 2:
+                lines.append("warning: the chat template ends an assistant turn with no single end-of-turn token, so "
+                             "generation stops only at EOS; a template whose turns end in a special token (the "
+                             "built-in ChatML's <|im_end|>) stops where the turn ends")
         return lines
 
     def close(self) -> None:
