@@ -71,6 +71,12 @@ def evaluate_model_report(path: Path, source: str, split: str, seq_len: int | No
     env = dist.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     hf, tok, head = load_model(model_dir, env.device)
     d = run_cfg.get("data", {})
+    mix = []
+    if not source:  # the data the run trained on: its validation split is the run's own held-out data
+        if not d.get("source"):
+            raise UsageError(f"--data is needed: {path} is a model directory without the run's config.yaml, so the "
+                             f"data it was trained on is unknown (give --data SOURCE)")
+        source, mix = d["source"], d.get("mix") or []  # a run on a data.mix: its datasets, their held-out parts
     sft = {k: sft_options[k] if sft_options.get(k) is not None else d[k] for k in SFT_KEYS
            if sft_options.get(k) is not None or k in d}
     dcfg = DataConfig(source=source, text_column=text_column or d.get("text_column", "text"),
@@ -78,7 +84,7 @@ def evaluate_model_report(path: Path, source: str, split: str, seq_len: int | No
                       seq_len=seq_len or d.get("seq_len", min(1024, hf.config.n_positions)),
                       val_fraction=d.get("val_fraction", 0.1), pack=d.get("pack", True),
                       overflow=d.get("overflow", "truncate"), stride=d.get("stride", 0),
-                      max_windows=d.get("max_windows", 0), window_pool=d.get("window_pool", "mean"), **sft)
+                      max_windows=d.get("max_windows", 0), window_pool=d.get("window_pool", "mean"), mix=mix, **sft)
     if dcfg.sft:
         if head != "lm":
             raise UsageError(f"--format {dcfg.format} needs a language model; {model_dir} is a classifier")

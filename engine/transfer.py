@@ -162,7 +162,9 @@ def save_adapter(state: dict[str, torch.Tensor], cfg: ModelConfig, head: str, ou
     lc.save_pretrained(str(out))
     save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        from engine import compat
+
+        compat.save_tokenizer(tokenizer, str(out), None)  # loadable by every transformers >= 4.57
 
 
 def lora_param_names(names) -> list[str]:
