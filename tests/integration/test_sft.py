@@ -348,49 +348,34 @@ def test_lora_adapter_export_in_peft_format(tmp_path, pairs):
     assert not torch.allclose(a, plain, atol=1e-3)  # the adapters changed the model
 
 
-def _transformers4() -> Path | None:
-    """transformers 4.57 installed beside the venv (.ci/run, issue 15: `pip install --no-deps --target
-    .venv-transformers4 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 requests ...`)."""
-    import os
-
-    from tests.conftest import ROOT
-
-    for path in (os.environ.get("FTL_TRANSFORMERS4"), ROOT / ".venv-transformers4"):
-        if path and (Path(path) / "transformers").is_dir():
-            return Path(path)
-    return None
-
-
 def test_chat_template_loads_in_transformers_4(chat_run, tmp_path):
-    """The exported template renders, and tokenizes, the same in transformers 4.57 as here."""
+    """The exported template renders, and tokenizes, the same in the oldest transformers of the export range
+    (4.57, installed beside the venv by .ci/run: engine/compat.py) as here."""
     import os
     import subprocess
     import sys
 
     from transformers import AutoTokenizer
 
-    tf4 = _transformers4()
-    if tf4 is None:
-        pytest.skip("no transformers 4.x beside the venv (.venv-transformers4 / FTL_TRANSFORMERS4)")
-    model = tmp_path / "final"
-    import shutil
+    from engine import compat
+    from tests.conftest import OFFLINE
+    from tests.integration.test_compat import _transformers4
 
-    shutil.copytree(chat_run[0] / "final", model)
-    cfg_path = model / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("tokenizer_class") == "TokenizersBackend":  # a 5.x-only class name: issue 15 writes a portable one
-        cfg_path.write_text(json.dumps(dict(cfg, tokenizer_class="PreTrainedTokenizerFast")))
+    site = _transformers4()
+    final = chat_run[0] / "final"
+    assert json.loads((final / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2TokenizerFast"
     script = ("import json, sys; from transformers import AutoTokenizer, __version__ as v; "
               "t = AutoTokenizer.from_pretrained(sys.argv[1]); m = json.loads(sys.argv[2]); "
               "s = t.apply_chat_template(m, tokenize=False, add_generation_prompt=True); "
-              "print(json.dumps([v, s, t(s, add_special_tokens=False)['input_ids']]))")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(tf4)
-    out = subprocess.run([sys.executable, "-c", script, str(model), json.dumps(QUESTIONS[2])], capture_output=True,
+              "print(json.dumps([v, s, t(s, add_special_tokens=False)['input_ids'], t.decode(t(s)['input_ids'], "
+              "skip_special_tokens=True)]))")
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", script, str(final), json.dumps(QUESTIONS[2])], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    version, text, ids = json.loads(out.stdout.strip().splitlines()[-1])
-    assert version.startswith("4.")
-    tok = AutoTokenizer.from_pretrained(chat_run[0] / "final")
+    version, text, ids, shown = json.loads(out.stdout.strip().splitlines()[-1])
+    assert version == compat.EXPORT_CHECK_OLDEST[0].split("==")[1]
+    tok = AutoTokenizer.from_pretrained(final)
     here = tok.apply_chat_template(QUESTIONS[2], tokenize=False, add_generation_prompt=True)
     assert text == here and ids == tok(here, add_special_tokens=False)["input_ids"]
+    assert "<|im_start|>" not in shown and shown == tok.decode(ids, skip_special_tokens=True)  # markers stay special
