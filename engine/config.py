@@ -178,7 +178,8 @@ class DataConfig:
         "A builtin (offline, shipped with Python): builtin:pydoc (the text of Python's documentation topics; LM), "
         "builtin:stdlib (the standard library's source; LM), builtin:stdlib_packages (snippets of the standard "
         "library's source labelled with their package, ~26 imbalanced classes, own train/validation splits; "
-        "head=cls); local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed); or a hub dataset name (name or "
+        "head=cls), builtin:stdlib_qa (questions about standard-library functions answered with their docstrings' "
+        "summaries; data.format=prompt_completion or chat); local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed); or a hub dataset name (name or "
         "name:config).",
     )
     text_column: str = opt("text", "Column holding the text.")
