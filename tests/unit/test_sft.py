@@ -245,3 +245,40 @@ def test_packing_raises_tokens_per_row_at_the_same_loss():
     assert torch.allclose(loss_p, loss_u, rtol=1e-5)
     assert data.real_tokens(packed) == data.real_tokens(unpacked)
     assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0] / 2  # more tokens per row
+
+
+# ------------------------------------------------------------------------ streaming (engine/openai_api.py)
+
+def _stream(tok, text: str, stops: list[str], stop_ids=()):
+    from engine import openai_api
+
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    deltas = []
+    progress = openai_api._Progress(tok, set(stop_ids), stops, deltas.append)
+    progress.put(torch.tensor([[1, 2, 3]]))  # the prompt comes first and is not part of the output
+    for i in ids:
+        progress.put(torch.tensor([i]))
+        if progress.finish:
+            break
+    progress.finish_text()
+    return deltas, progress
+
+
+def test_streamed_deltas_never_show_a_stop_string_or_half_a_character(tok):
+    text = "The with statement wraps a block: naïve café ✓ and more text after it"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    # stop strings that straddle a token boundary: their first half arrives one token before the rest
+    crossing = [pieces[k][-2:] + pieces[k + 1][len(pieces[k]):][:2] for k in range(2, len(ids) - 2)
+                if len(pieces[k + 1]) - len(pieces[k]) >= 2 and "\ufffd" not in pieces[k + 1]]
+    assert len(crossing) >= 3
+    for stop in crossing[:6]:
+        deltas, progress = _stream(tok, text, [stop])
+        cut = text[:text.index(stop)]
+        assert progress.finish == "stop" and progress.text == cut
+        assert "".join(deltas) == cut, (stop, deltas)  # nothing of the stop string was sent early
+    deltas, progress = _stream(tok, text, [])
+    assert "".join(deltas) == text and progress.finish is None and progress.ids == ids
+    assert not any("\ufffd" in d for d in deltas)  # a multi-byte character is sent whole
+    deltas, progress = _stream(tok, text, [], stop_ids=[ids[5]])  # an end-of-turn token: stop, not in the text
+    assert progress.finish == "stop" and "".join(deltas) == tok.decode(ids[:5]) and len(progress.ids) == 6
