@@ -4,7 +4,6 @@ and the transformers/eager paths)."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
