@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +334,12 @@ class Trainer:
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
                                      self.data.label_names)
             dist.barrier()
-            diff = self.verify_export(out)
+            try:
+                diff = self.verify_export(out)
+            except Exception:
+                if self.env.is_main:  # a directory that failed its check must not stay where a good model belongs
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
         self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
                            f"(max |diff| {diff:.2g})")
 
