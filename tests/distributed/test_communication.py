@@ -18,6 +18,7 @@ may creep into the loop.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -56,11 +57,20 @@ def expected(backend: str, accum: int, log: bool) -> dict[str, int]:
     return out
 
 
+# FTL_COMM_BACKENDS=ddp,zero1 narrows the job to those backends (tests/mutate.py uses it: one backend's mutants
+# need only that backend's run); unset, every backend runs.
+SELECTED = [b for b in os.environ.get("FTL_COMM_BACKENDS", ",".join(BACKENDS)).split(",") if b in BACKENDS]
+
+
+def selected(*backends: str) -> list[str]:
+    return [b for b in backends if b in SELECTED]
+
+
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("comm")
-    scenarios = {f"{b}-{a}": {"overrides": {**o, "train.grad_accum": a}, "grads": b in ("ddp", "zero0", "zero1")}
-                 for b, o in BACKENDS.items() for a in ACCUMS}
+    scenarios = {f"{b}-{a}": {"overrides": {**BACKENDS[b], "train.grad_accum": a}, "grads": b in ("ddp", "zero0", "zero1")}
+                 for b in SELECTED for a in ACCUMS}
     (root / "scenarios.json").write_text(json.dumps(scenarios))
     cmd = torchrun_cmd(2, [root / "out.json", root / "scenarios.json"])
     cmd[cmd.index("engine.cli")] = "tests.distributed.comm_probe"
@@ -70,7 +80,7 @@ def counts(tmp_path_factory) -> dict:
 
 
 def test_ddp_and_zero01_reduce_gradients_once_per_optimizer_step(counts):
-    for backend in ("ddp", "zero0", "zero1"):
+    for backend in selected("ddp", "zero0", "zero1"):
         per_accum = {a: counts[f"{backend}-{a}"]["steps"][PLAIN_STEP] for a in ACCUMS}
         assert per_accum[1] == per_accum[2] == per_accum[4], (
             f"{backend}: the collectives of one optimizer step grow with train.grad_accum, so gradients are reduced "
@@ -80,7 +90,7 @@ def test_ddp_and_zero01_reduce_gradients_once_per_optimizer_step(counts):
 
 
 def test_zero2_and_zero3_reduce_on_every_backward_as_measured(counts):
-    for backend in ("zero2", "zero3"):
+    for backend in selected("zero2", "zero3"):
         for a in ACCUMS:
             got = counts[f"{backend}-{a}"]["steps"][PLAIN_STEP]
             assert got == expected(backend, a, log=False), (
@@ -90,7 +100,7 @@ def test_zero2_and_zero3_reduce_on_every_backward_as_measured(counts):
 
 def test_no_other_collective_creeps_into_a_step(counts):
     """The whole loop iteration, log step included, issues exactly the collectives accounted for above."""
-    for backend in BACKENDS:
+    for backend in SELECTED:
         for a in ACCUMS:
             steps = counts[f"{backend}-{a}"]["steps"]
             assert steps[LOGGED_STEP] == expected(backend, a, log=True), (backend, a, steps)
@@ -99,7 +109,7 @@ def test_no_other_collective_creeps_into_a_step(counts):
 def test_ranks_gradients_differ_inside_accumulation_and_agree_after_the_last_micro_batch(counts):
     """Accelerate's sync test: before the last micro-batch nothing is reduced, so the two ranks (different
     samples) hold different gradients; the last backward reduces them, and then they are equal."""
-    for backend in ("ddp", "zero0", "zero1"):
+    for backend in selected("ddp", "zero0", "zero1"):
         for a in ACCUMS:
             got = counts[f"{backend}-{a}"]
             equal, norms = got["grads"], got["grad_norms"]
