@@ -101,5 +101,8 @@ def test_every_byte_is_flushed_before_complete_and_complete_before_the_rename(tm
     latest = str(tmp_path / "checkpoints" / "latest")
     moved_latest = [i for i, (kind, what, _) in enumerate(events) if kind == "move" and what[1] == latest]
     assert moved_latest and moved_latest[0] > rename
+    # ... itself replaced atomically: its new content flushed under a temporary name, then renamed over the old
+    src = events[moved_latest[0]][1][0]
+    assert src != latest and any(kind == "flush" and what == src for kind, what, _ in events[rename:moved_latest[0]])
     assert any(kind == "flush" and what == str(tmp_path / "checkpoints") for kind, what, _ in events[rename:])
     assert checkpoint.find_latest(tmp_path / "checkpoints") == final
