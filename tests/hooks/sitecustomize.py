@@ -9,6 +9,9 @@ here is imported by the engine, and with FTL_TEST_HOOKS unset this file does not
                         its model.safetensors on disk, then print `FTL_TEST perturbed NAME in DIR`:
                         SPEC = NAME:scale=F (multiply by F) or NAME:ulp (one element moved by one float step,
                         far below any logit tolerance: only an exact weight comparison can see it)
+  usage_error_on_rank=R:MODULE:FUNCTION
+                        on rank R only (the RANK variable), calling MODULE.FUNCTION raises the engine's UsageError,
+                        as a file one node cannot read would: the other ranks must learn of it, not wait
 """
 
 import os
@@ -74,9 +77,27 @@ def _perturb_export(spec: str) -> None:
     PreTrainedModel.save_pretrained = save_pretrained
 
 
+def _usage_error_on_rank(spec: str) -> None:
+    rank, module_name, function = spec.split(":")
+    if os.environ.get("RANK", "0") != rank:
+        return
+    import importlib
+
+    from engine.errors import UsageError
+
+    module = importlib.import_module(module_name)
+
+    def fail(*args, **kwargs):
+        raise UsageError(f"{module_name}.{function} failed on rank {rank} only (injected by the test)")
+
+    setattr(module, function, fail)
+
+
 for _hook in _HOOKS:
     if _hook == "trace_collectives":
         _trace_collectives()
+    elif _hook.startswith("usage_error_on_rank="):
+        _usage_error_on_rank(_hook.split("=", 1)[1])
     elif _hook.startswith("perturb_export="):
         _perturb_export(_hook.split("=", 1)[1])
     else:
