@@ -48,7 +48,7 @@ class Target:
 _F = "tests/unit/test_fault_units.py::"
 TARGETS: dict[str, Target] = {
     "losses": Target("engine/losses.py", ["lm_loss_sum", "cls_loss_sum", "class_weights", "target_count"],
-                     ["tests/unit/test_losses_optim.py", "tests/unit/test_imbalance.py",
+                     ["tests/unit/test_loss_guards.py", "tests/unit/test_losses_optim.py", "tests/unit/test_imbalance.py",
                       "tests/unit/test_class_weights_model.py", "tests/unit/test_regularization.py",
                       "tests/integration/test_class_weights_train.py"]),
     "checkpoint": Target("engine/checkpoint.py", ["is_complete", "list_complete", "find_latest", "_write_atomic",
