@@ -38,7 +38,7 @@ class Recorder:
         self.tmp = root / f".tmp-{checkpoint.step_dir_name(step)}" / checkpoint.COMPLETE
         self.final = root / checkpoint.step_dir_name(step) / checkpoint.COMPLETE
         self.old = self.final.stat().st_ino if self.final.exists() else None  # a checkpoint this save replaces
-        self.events = []
+        self.events, self.sizes = [], {}
         for name in ("fsync", "fdatasync"):
             real = getattr(os, name)
             monkeypatch.setattr(os, name, self._flush(real))
@@ -52,8 +52,9 @@ class Recorder:
 
     def _flush(self, real):
         def flush(fd):
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            self.events.append(("flush", _logical(path), self._complete_exists()))
+            path = _logical(os.readlink(f"/proc/self/fd/{fd}"))
+            self.events.append(("flush", path, self._complete_exists()))
+            self.sizes[path] = os.fstat(fd).st_size  # what the OS holds at the flush (Python's buffer excluded)
             return real(fd)
         return flush
 
@@ -86,6 +87,11 @@ def test_every_byte_is_flushed_before_complete_and_complete_before_the_rename(tm
     everything = {str(p) for p in final.rglob("*") if p.name != checkpoint.COMPLETE} | {str(final)}
     assert everything - flushed_before == set(), "written but not flushed before COMPLETE"
 
+    # ... with all their bytes: a file flushed before it is fully written (Python's buffer not yet handed to the OS)
+    short = {p: (rec.sizes[p], Path(p).stat().st_size) for p in everything if Path(p).is_file()
+             and rec.sizes[p] != Path(p).stat().st_size}
+    assert not short, f"flushed before all their bytes were written (size at flush, final size): {short}"
+
     # 2. COMPLETE itself is durable before the checkpoint becomes visible, and it appears before the rename
     visible = [i for i, (kind, what, _) in enumerate(events) if kind == "move" and what[1] == str(final)
                and what[0] == str(final)]  # the directory rename (.tmp-step-N -> step-N, both logical step-N)
@@ -96,6 +102,7 @@ def test_every_byte_is_flushed_before_complete_and_complete_before_the_rename(tm
     complete_flushed = [i for i, (kind, what, _) in enumerate(events) if kind == "flush" and
                         (what == marker or what.startswith(str(final / f".{checkpoint.COMPLETE}")))]
     assert complete_flushed and complete_flushed[0] < rename, "COMPLETE's own bytes are not flushed before the rename"
+    assert rec.sizes[events[complete_flushed[-1]][1]] == (final / checkpoint.COMPLETE).stat().st_size > 0
 
     # 3. `latest` moves only after the rename, and the rename itself is made durable (its directory flushed)
     latest = str(tmp_path / "checkpoints" / "latest")
@@ -104,5 +111,6 @@ def test_every_byte_is_flushed_before_complete_and_complete_before_the_rename(tm
     # ... itself replaced atomically: its new content flushed under a temporary name, then renamed over the old
     src = events[moved_latest[0]][1][0]
     assert src != latest and any(kind == "flush" and what == src for kind, what, _ in events[rename:moved_latest[0]])
+    assert rec.sizes[src] == Path(latest).stat().st_size > 0
     assert any(kind == "flush" and what == str(tmp_path / "checkpoints") for kind, what, _ in events[rename:])
     assert checkpoint.find_latest(tmp_path / "checkpoints") == final
