@@ -82,6 +82,7 @@ def test_every_byte_is_flushed_before_complete_and_complete_before_the_rename(tm
     monkeypatch.undo()
     events = rec.events
 
+    assert {"model.safetensors", "shards", "tokenizer", "rng-rank0.pt", checkpoint.STATE} <= {p.name for p in final.iterdir()}
     # 1. every file and directory of the final checkpoint was flushed while COMPLETE did not exist yet
     flushed_before = {path for kind, path, complete in events if kind == "flush" and not complete}
     everything = {str(p) for p in final.rglob("*") if p.name != checkpoint.COMPLETE} | {str(final)}
