@@ -122,3 +122,15 @@ def test_retention_keeps_exactly_keep_checkpoints_and_never_the_one_being_resume
     names = [p.name for p in checkpoint.list_complete(tmp_path / "checkpoints")]
     assert names == [checkpoint.step_dir_name(s) for s in range(6 - keep, 6)]
     assert checkpoint.find_latest(tmp_path / "checkpoints").name == "step-000005"
+
+
+def test_the_next_save_removes_what_killed_saves_left(tmp_path):
+    """`.tmp-step-N` of a killed save (another step) and `.old-step-N` of an interrupted replacement go with the next
+    save: nothing resumes from them, and they would otherwise fill the disk save after save."""
+    root = tmp_path / "checkpoints"
+    for leftover in (".tmp-step-000007", ".old-step-000002-1234"):
+        (root / leftover).mkdir(parents=True)
+        (root / leftover / "model.safetensors").write_bytes(b"partial")
+    final = checkpoint.Checkpointer(tmp_path, keep=2, rank=0, world=1).save(
+        8, RankBackend(0), {"tokens": 0.0, "sample_index": 8, "global_batch": 1, "config": {}})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", final.name]
