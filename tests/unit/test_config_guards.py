@@ -50,3 +50,17 @@ def test_ranges_say_whether_their_upper_bound_is_allowed():
 def test_malformed_class_weights_are_named(value):
     assert f"loss.class_weights must be none, auto or a list of numbers (got {value!r})" in _problems(
         *CLS, f"loss.class_weights={value}")
+
+
+def test_class_weights_may_hold_zeros_and_fractions_but_not_negatives_or_only_zeros():
+    for ok in ("[0, 1]", "[0.5, 2]", "[1, 9]"):
+        assert _problems(*CLS, f"loss.class_weights={ok}") == "", ok
+    for bad in ("[-1, 2]", "[0, 0]"):
+        assert "loss.class_weights must be non-negative with at least one positive weight" in _problems(
+            *CLS, f"loss.class_weights={bad}"), bad
+
+
+@pytest.mark.parametrize("gamma", ["0.5", "2"])
+def test_any_focal_gamma_above_zero_needs_the_cls_head(gamma):
+    assert "loss.focal_gamma needs model.head=cls" in _problems(f"loss.focal_gamma={gamma}")
+    assert _problems(*CLS, f"loss.focal_gamma={gamma}") == ""
