@@ -64,3 +64,9 @@ def test_class_weights_may_hold_zeros_and_fractions_but_not_negatives_or_only_ze
 def test_any_focal_gamma_above_zero_needs_the_cls_head(gamma):
     assert "loss.focal_gamma needs model.head=cls" in _problems(f"loss.focal_gamma={gamma}")
     assert _problems(*CLS, f"loss.focal_gamma={gamma}") == ""
+
+
+def test_auto_weights_and_balanced_sampling_each_alone_are_fine_together_refused():
+    assert _problems(*CLS, "loss.class_weights=auto") == ""
+    assert _problems(*CLS, "data.balanced_sampling=true") == ""
+    assert "both correct the same imbalance" in _problems(*CLS, "loss.class_weights=auto", "data.balanced_sampling=true")
