@@ -73,7 +73,7 @@ TARGETS: dict[str, Target] = {
                       "tests/unit/test_imbalance.py::test_fine_tuning_config_problems_are_reported_together",
                       "tests/integration/test_bad_input.py"]),
     "ddp": Target("engine/backends/ddp.py", ["DDPBackend.accumulate", "DDPBackend.backward", "DDPBackend.step"],
-                  [_F + "test_a_nonfinite_step_leaves_weights_and_optimizer_state_untouched",
+                  ["tests/unit/test_backend_guards.py", _F + "test_a_nonfinite_step_leaves_weights_and_optimizer_state_untouched",
                    _F + "test_fp16_loss_scale_backs_off_and_recovers", "tests/distributed/test_communication.py",
                    "tests/distributed/test_grad_accum_equivalence.py"],
                   {"FTL_COMM_BACKENDS": "ddp"}),
