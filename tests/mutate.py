@@ -79,7 +79,8 @@ TARGETS: dict[str, Target] = {
                   {"FTL_COMM_BACKENDS": "ddp"}),
     "deepspeed": Target("engine/backends/deepspeed.py", ["DeepSpeedBackend.accumulate", "DeepSpeedBackend.backward",
                                                          "DeepSpeedBackend.step"],
-                        ["tests/distributed/test_communication.py"], {"FTL_COMM_BACKENDS": "zero1,zero2"}),
+                        ["tests/distributed/test_deepspeed_step.py", "tests/distributed/test_communication.py"],
+                        {"FTL_COMM_BACKENDS": "zero1,zero2"}),
 }
 OPERATORS = ("operator", "comparison", "boolean", "not", "constant", "condition", "statement", "argument")
 DEFAULT_OPERATORS = tuple(o for o in OPERATORS if o != "argument")  # argument -> None: mostly crashes, slow to run
