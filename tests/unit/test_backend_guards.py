@@ -66,10 +66,19 @@ def test_the_optimizer_gets_clipped_gradients_and_the_reported_norm_is_the_uncli
     norm = backend.step(0.1, clip)
     assert float(norm) == pytest.approx(expected, rel=1e-6)
     assert seen["grad_norm"] == pytest.approx(clip, rel=1e-4)
-    backend.backward(_loss(module), True)  # a clip above the norm leaves the gradient alone
-    expected = _true_norm(module)
-    backend.step(0.1, expected * 10)
-    assert seen["grad_norm"] == pytest.approx(expected, rel=1e-6)
+    for off in (expected * 10, 0.0):  # a clip above the norm, and train.clip_grad=0 (off), leave it alone
+        backend.backward(_loss(module), True)
+        expected = _true_norm(module)
+        backend.step(0.1, off)
+        assert seen["grad_norm"] == pytest.approx(expected, rel=1e-6), off
+
+
+def test_the_measured_memory_counts_the_gradients_of_the_first_step():
+    backend, module, _ = _backend()
+    backend.backward(_loss(module), True)
+    backend.step(0.1, 0.0)
+    fp32 = 4 * sum(p.numel() for p in module.parameters())
+    assert backend.measured_memory()["grads"] == fp32  # what README's memory table reports for ddp
 
 
 def test_fp16_loss_scaling_is_undone_before_the_norm_clip_and_update():
