@@ -89,3 +89,9 @@ def test_fp16_loss_scaling_is_undone_before_the_norm_clip_and_update():
     norm = backend.step(0.1, expected / 2)
     assert float(norm) == pytest.approx(expected, rel=1e-5)  # unscaled
     assert seen["grad_norm"] == pytest.approx(expected / 2, rel=1e-4)  # unscaled, then clipped
+    # an overflow: the step is skipped, weights untouched, and the scale halves
+    scale, weights = backend.loss_scale(), [p.detach().clone() for p in module.parameters()]
+    backend.backward(_loss(module, float("inf")), True)
+    backend.step(0.1, 0.0)
+    assert backend.loss_scale() == scale / 2
+    assert all(torch.equal(w, p) for w, p in zip(weights, module.parameters()))
