@@ -22,7 +22,7 @@ FEW_STEPS = ["--set", "train.max_steps=2", "--set", "train.log_every=1", "--set"
              "--set", "train.sample_tokens=0", "--no-progress"]
 # how each example is exercised below (a new example must be added here, and to a test)
 COVERED = {"default.yaml", "classification.yaml", "lora.yaml", "deepspeed_zero3_offload.yaml", "torchrun_2node.yaml",
-           "slurm.yaml", "sweep.yaml", "long_context.yaml", "long_inputs.yaml"}
+           "slurm.yaml", "sweep.yaml", "long_context.yaml", "long_inputs.yaml", "sft.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,42 @@ def test_classification(workdir):
     row = last(run, "eval_macro_f1")
     assert row["step"] == 2 and 0 <= row["eval_macro_f1"] <= 1
     assert (run / "best/config.json").is_file()  # eval.metric keeps best/
+
+
+def test_sft_then_the_readmes_openai_client(workdir, capsys):
+    """The README's path to a chat model and a served one: examples/sft.yaml trains (2 steps, one short
+    eval generation), `ftl generate --chat` answers, and the README's own `openai` snippet runs against
+    `ftl serve`'s server (in a thread here, on a free port) and gets a reply from the model 'sft-chat'."""
+    import re
+    import threading
+
+    from engine import serve
+
+    ftl("train", "examples/sft.yaml", *FEW_STEPS, "--set", "train.micro_batch=2", "--set", "eval.generations=1",
+        "--set", "eval.generation_tokens=4")
+    run = workdir / "runs/sft-chat"
+    assert last(run, "loss")["step"] == 2 and (run / "final/chat_template.jinja").is_file()
+    capsys.readouterr()
+    ftl("generate", "runs/sft-chat", "--chat", '[{"role": "user", "content": "What does os.getcwd() do?"}]',
+        "--temperature", "0", "--max-new-tokens", "4")
+    capsys.readouterr()
+
+    pytest.importorskip("openai")
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r'ftl serve runs/sft-chat --port (\d+) &.*?python -c "(.*?)"\n', readme, re.S)
+    assert snippet, "README's SFT block (ftl serve runs/sft-chat ... python -c \"...openai...\") not found"
+    httpd = serve.make_server(serve.ModelService(Path("runs/sft-chat"), max_new_tokens=8, max_batch=1), "127.0.0.1", 0,
+                              65536, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        code = snippet.group(2).replace(f":{snippet.group(1)}/", f":{httpd.server_address[1]}/")
+        printed = []
+        exec(compile(code, "README.md (openai snippet)", "exec"), {"print": lambda *a: printed.append(a)})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    # the reply's text (after 2 steps often only newlines, as docs/sft.md's step 0 shows)
+    assert len(printed) == 1 and isinstance(printed[0][0], str) and printed[0][0], printed
 
 
 def test_long_inputs_with_windows_and_eval(workdir, capsys):
