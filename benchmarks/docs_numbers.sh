@@ -95,10 +95,13 @@ if has deepspeed; then
 fi
 
 if has classification; then
-    section "classification walkthrough (docs/fine-tuning.md: imbalance, baseline, macro-F1 table, seeds)"
+    section "classification walkthrough (docs/fine-tuning.md: imbalance, baseline, macro-F1 table at 1 and 2 threads, seeds)"
     run OMP_NUM_THREADS=1 ftl data stats examples/classification.yaml --split validation '|' grep -E "'^labels|baseline'"
     run OMP_NUM_THREADS=1 ftl train examples/classification.yaml --no-progress '2>' cls-balanced.log
     last_eval runs/stdlib-packages eval_macro_f1 eval_accuracy
+    # deterministic per thread count, so the page quotes the machine's default (2 threads here) as well
+    run OMP_NUM_THREADS=2 ftl train examples/classification.yaml --no-progress --set run.name=cls-2threads '2>' cls-2threads.log
+    last_eval runs/cls-2threads eval_macro_f1 eval_accuracy
     run OMP_NUM_THREADS=1 ftl train examples/classification.yaml --no-progress --set run.name=cls-uniform --set data.balanced_sampling=false '2>' cls-uniform.log
     last_eval runs/cls-uniform eval_macro_f1 eval_accuracy
     run OMP_NUM_THREADS=1 ftl train examples/classification.yaml --no-progress --set run.name=cls-weights --set data.balanced_sampling=false --set loss.class_weights=auto '2>' cls-weights.log
