@@ -278,12 +278,16 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(0, "Save a checkpoint every N steps (0: only at the end).")
-    keep: int = opt(2, "Keep the newest N checkpoints.")
-    resume: str = opt("auto", "auto: newest complete checkpoint in the run directory; none: start fresh; or a checkpoint path.")
+    every: int = opt(0, "Save a checkpoint every N steps (0: only at the end, and every_minutes).")
+    every_minutes: float = opt(30.0, "Also save a checkpoint when this many minutes have passed since the last one "
+                                     "(rank 0's clock decides; every rank saves at the same step). 0: off.")
+    keep: int = opt(2, "Keep the newest N checkpoints (and the newest one that verified, until a newer one does).")
+    resume: str = opt("auto", "auto: the newest complete checkpoint in the run directory that verifies against its "
+                              "digests; none: start fresh; or a checkpoint path (it must verify).")
 
     def problems(self, cfg: "Config") -> list[str]:
-        p = positive("checkpoint.every", self.every, True) + positive("checkpoint.keep", self.keep)
+        p = (positive("checkpoint.every", self.every, True) + positive("checkpoint.keep", self.keep)
+             + positive("checkpoint.every_minutes", self.every_minutes, True))
         if self.resume not in ("auto", "none") and not Path(self.resume).exists():
             p.append(f"checkpoint.resume: no checkpoint at {self.resume!r} (use auto, none or an existing checkpoint directory)")
         return p
@@ -638,4 +642,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def dump_resolved(cfg: Config, path: Path) -> None:
-    path.write_text(cfg.to_yaml(), encoding="utf-8")
+    """The resolved config, replaced whole (a temporary name, then a rename): never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    os.replace(tmp, path)

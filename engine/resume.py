@@ -34,7 +34,7 @@ IGNORED = {
     "data.tokenizer_vocab",  # a resumed run reuses the tokenizer it trained
     "train.log_every", "train.eval_every", "train.eval_batches", "train.device", "train.sample_tokens",
     "train.sample_prompt", "train.max_bad_steps", "train.stop_at_step",
-    "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
+    "checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep", "checkpoint.resume",
     "dist.timeout_s", "dist.step_timeout_s", "dist.watchdog_s",
 }
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "num_labels")
