@@ -550,13 +550,57 @@ def _unknown(key: str, known: list[str]) -> str:
     return f"unknown config key {key!r}{hint}"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML keeps
+    the last one silently); every repeat is collected, with both line numbers."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.repeated: list[str] = []
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.repeated.append(f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would keep "
+                                     f"only the last: remove one")
+            else:
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, path: str):
+    loader = _StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if loader.repeated:
+        raise UsageError([f"config file {path}: {r}" for r in loader.repeated])
+    return data
+
+
+def _json_pairs(path: str):
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise UsageError([f"config file {path}: key {k!r} is given twice in one object; remove one" for k in twice])
+        return dict(pairs)
+    return hook
+
+
 def _read_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
         text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_json_pairs(path)) if p.suffix == ".json" else _load_yaml(text, path)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot parse config file {path}: {e}".strip()) from None
     if data is None:
