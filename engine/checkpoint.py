@@ -271,7 +271,8 @@ class Checkpointer:
         # Every rank's files are in place once this returns (it is the barrier), with their digests.
         gathered = dist.all_gather_object((_describe(error) if error else None, recorded.files))
         self._raise_if_any(step, tmp, error, during="writing", others=[g[0] for g in gathered])
-        files = {rel: d for _, part in gathered for rel, d in part.items()}
+        # `hashed_by`: the rank that hashed the file (for a backend's files, the rank that wrote it).
+        files = {rel: dict(d, hashed_by=r) for r, (_, part) in enumerate(gathered) for rel, d in part.items()}
         # Files nobody recorded (the tokenizer, a library's side files): rank 0 lists them, every rank
         # hashes a share.
         shares = dist.broadcast_object(integrity.balance(integrity.unlisted_files(tmp, files), self.world)
@@ -282,8 +283,8 @@ class Checkpointer:
             error, mine = e, {}
         gathered = dist.all_gather_object((_describe(error) if error else None, mine))
         self._raise_if_any(step, tmp, error, during="hashing", others=[g[0] for g in gathered])
-        for _, part in gathered:
-            files.update(part)
+        for r, (_, part) in enumerate(gathered):
+            files.update({rel: dict(d, hashed_by=r) for rel, d in part.items()})
         if self.rank == 0:
             try:
                 _write_atomic(tmp / integrity.MANIFEST, integrity.write_manifest(tmp, files).decode("utf-8"))

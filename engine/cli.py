@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from engine.errors import DiskFull, RunStopped, UsageError
+from engine.errors import DiskFull, RunStopped, StoppedEarly, UsageError
 
 SET_HELP = "Override a config key, e.g. --set train.max_steps=50 (repeatable)."
 
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         _report(e.render())
         sys.exit(e.exit_code)
-    except RunStopped as e:  # preempted (75), Ctrl-C (130) or diverged (3): a message, not a traceback
+    except (RunStopped, StoppedEarly) as e:  # preempted (75), Ctrl-C (130), diverged (3): a message, no traceback
         _report(f"stopped: {e}")
         sys.exit(e.exit_code)
     except DiskFull as e:

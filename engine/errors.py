@@ -82,3 +82,13 @@ class DiskFull(Exception):
     """No space left on device while the engine wrote something; the message says where and what was kept."""
 
     exit_code = EXIT_FAILURE
+
+
+class StoppedEarly(BaseException):
+    """A signal before the first step (nothing to save): raised from the signal handler wherever the main
+    thread is, so it derives from BaseException like KeyboardInterrupt: a library's `except Exception`
+    (datasets wraps errors of a generator) must not turn it into a failure."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -70,7 +70,8 @@ from pathlib import Path
 import torch
 
 from engine import dist
-from engine.errors import EXIT_HUNG, EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged, Interrupted, Preempted, UsageError
+from engine.errors import (EXIT_HUNG, EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged, Interrupted, Preempted,
+                           StoppedEarly, UsageError)
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 PREEMPTED_MARKER = "PREEMPTED"  # in the run directory while the latest stop was a preemption (for `ftl launch`)
@@ -82,7 +83,7 @@ class PreemptionSignals:
     """SIGTERM/SIGUSR1/SIGINT set flags instead of killing the process; `restore()` puts the old handlers back.
 
     Until `deferred()` is called (the training loop starts) a signal ends the process at once by raising
-    Preempted (75) or Interrupted (130) where the main thread is: there is nothing to save yet. After
+    StoppedEarly (75, or 130 for SIGINT) where the main thread is: there is nothing to save yet. After
     it, the first signal only sets a flag; a second SIGINT ends the process at once."""
 
     def __init__(self):
@@ -112,7 +113,7 @@ class PreemptionSignals:
         if name == "SIGINT":
             self.interrupts += 1
             if self.immediate:
-                raise Interrupted("interrupted (Ctrl-C) before the first step: nothing to save yet")
+                raise StoppedEarly("interrupted (Ctrl-C) before the first step: nothing to save yet", EXIT_INTERRUPTED)
             if self.interrupts == 1:
                 os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step, then exiting "
                             b"(press Ctrl-C again to abort at once, without saving)\n")
@@ -121,8 +122,8 @@ class PreemptionSignals:
         # arriving during that save changes nothing.
         self.received = self.received or name
         if self.immediate:
-            raise Preempted(f"{name} received before the first step: nothing new to save; exiting with code "
-                            f"{EXIT_PREEMPTED} so the job can be requeued")
+            raise StoppedEarly(f"{name} received before the first step: nothing new to save; exiting with code "
+                               f"{EXIT_PREEMPTED} so the job can be requeued", EXIT_PREEMPTED)
 
     @property
     def interrupted(self) -> bool:

@@ -175,6 +175,8 @@ class Trainer:
         """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
         cfg = self.cfg
         problem, prepared = None, None
+        if self.env.is_main:
+            print(f"preparing data: {cfg.data.source}", file=sys.stderr, flush=True)
         try:
             raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
             tokenizer = self._tokenizer(raw)
