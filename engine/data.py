@@ -121,12 +121,16 @@ def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
         if problems:
             raise UsageError([f"data.source {src!r}: {p}" for p in problems])
         try:
+            # Its own log of a parse error (a traceback) is replaced by the message below, which says where.
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
             dd = datasets.load_dataset(kind, data_files={"train": files}, **kw)
         except Exception as e:  # datasets raises many types for unreadable files
             if "corresponds to no data" in str(e):
                 raise UsageError(f"data.source {src!r}: the training split is empty") from None
             raise UsageError(f"data.source {src!r}: cannot read it as {kind}: "
                              f"{explain_read_error(files, kind, e)}") from None
+        finally:
+            datasets.logging.set_verbosity_error()
     else:
         name, _, config = src.partition(":")
         try:

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from engine import checkpoint, integrity
 from engine.errors import EXIT_PREEMPTED
 from tests.conftest import check, tiny_config, tiny_overrides, torchrun
 from tests.fault_helpers import (Watched, bitwise_equal, checkpoint_tensors, ftl_cmd, losses_by_step,
@@ -107,6 +108,13 @@ def test_sigusr1_under_zero2_saves_exits_75_and_resumes_exactly(tmp_path):
     ckpt = run / "checkpoints" / f"step-{stopped:06d}"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "deepspeed" / "layout.json").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    # Digests cover every file DeepSpeed wrote, each ZeRO partition hashed by the rank that wrote it.
+    listed, _ = integrity.read_manifest(ckpt)
+    assert set(listed) == {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"MANIFEST.json",
+                                                                                                       "COMPLETE"}
+    partitions = {rel: e["hashed_by"] for rel, e in listed.items() if rel.endswith("optim_states.pt")}
+    assert sorted(partitions.values()) == [0, 1] and all(f"zero_pp_rank_{r}_" in rel for rel, r in partitions.items())
+    assert checkpoint.verify(ckpt) == []
     resumed = check(torchrun(2, ["train", *tiny_overrides(run, **over)]))
     assert f"resumed from {ckpt} at step {stopped}" in resumed.stdout + resumed.stderr
     assert losses_by_step(run) == losses_by_step(straight)
