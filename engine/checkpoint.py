@@ -108,9 +108,9 @@ def verify(path: Path, collective: bool = False) -> list[str]:
 
     collective=True: every rank calls it and hashes a share of the files (split by size), and all get
     the same answer. A checkpoint written before digests existed is only parsed."""
-    listed, sized, problems = integrity.plan(path, STATE)
+    listed, items, problems = integrity.plan(path, STATE)
     rank, world = (dist.rank(), dist.world_size()) if collective else (0, 1)
-    mine = integrity.check_files(path, integrity.balance(sized, world)[rank], listed)
+    mine = integrity.check_items(path, integrity.balance(items, world)[rank], listed)
     if world > 1:
         mine = [p for part in dist.all_gather_object(mine) for p in part]
     return problems + sorted(mine)

@@ -570,8 +570,9 @@ def resume_command(cfg) -> str:
     if cfg.checkpoint.resume != "auto":
         argv = [*argv, "--set", "checkpoint.resume=auto"]
     text = f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}"
-    if os.environ.get("SLURM_JOB_ID"):
-        text += f"   (or resubmit SLURM job {os.environ['SLURM_JOB_ID']}'s script: it resumes by itself)"
+    job = dist.job_ids().get("slurm_job_id")
+    if job:
+        text += f"   (or resubmit SLURM job {job}'s script: it resumes by itself)"
     return text
 
 

@@ -1,7 +1,8 @@
 """Checkpoint integrity: a digest of every file, written before COMPLETE, checked before a checkpoint is used.
 
-Every checkpoint holds MANIFEST.json: each file's path (relative to the checkpoint), size and xxh3-128
-digest. Who hashes what, during a save (`checkpoint.Checkpointer.save`):
+Every checkpoint holds MANIFEST.json: each file's path (relative to the checkpoint), size and the xxh3-128
+digests of its 64 MiB chunks (chunks, so that the ranks and a few threads can check one large file
+together). Who hashes what, during a save (`checkpoint.Checkpointer.save`):
 
 - files the engine writes itself (the DDP model and optimizer, every rank's RNG state, trainer_state.json)
   are hashed WHILE they are written (`save_torch`, `save_safetensors`, `write_bytes`): no second pass;
@@ -12,8 +13,9 @@ digest. Who hashes what, during a save (`checkpoint.Checkpointer.save`):
 Rank 0 merges the digests into MANIFEST.json before COMPLETE. A backend that records nothing is still
 covered completely, by the last rule; recording only moves the work to the rank that wrote the file.
 
-Verification (resume, `ftl export`) hashes every listed file again and compares size and digest; it
-also parses what is cheap to parse (trainer_state.json, the manifest, safetensors headers, the zip
+Verification (resume, `ftl export`) hashes every listed chunk again (mapped into memory, no copy; split
+across ranks by size, and across up to 4 threads in a rank: xxhash releases the GIL) and compares sizes
+and digests; it also parses what is cheap to parse (trainer_state.json, the manifest, safetensors headers, the zip
 directory of .pt files), which is all a checkpoint written before digests existed gets. RNG files are
 optional: a missing one is reported by the loader as a warning (the resume is no longer bit-exact),
 a changed one is damage like any other.
@@ -27,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,7 +43,8 @@ import xxhash
 MANIFEST = "MANIFEST.json"
 ALGORITHM = "xxh3_128"
 OPTIONAL_PREFIXES = ("rng-rank",)  # may be missing: the loader reseeds that rank and warns
-_CHUNK = 8 << 20
+CHUNK_BYTES = 64 << 20  # a multiple of the page size: chunks are mapped at their offset
+THREADS = max(1, min(4, os.cpu_count() or 1))
 
 # Safetensors dtype codes (the format's spec); float8 types where this torch has them.
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -56,23 +61,54 @@ def new_hasher():
     return xxhash.xxh3_128()
 
 
-def entry(size: int, hasher) -> dict:
-    return {"size": size, ALGORITHM: hasher.hexdigest()}
+class ChunkHasher:
+    """The digests of consecutive CHUNK_BYTES pieces of a byte stream, fed in pieces of any size."""
+
+    def __init__(self):
+        self.chunks: list[str] = []
+        self.size = 0
+        self._h, self._filled = new_hasher(), 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(CHUNK_BYTES - self._filled, len(view))
+            self._h.update(view[:take])
+            self._filled += take
+            self.size += take
+            view = view[take:]
+            if self._filled == CHUNK_BYTES:
+                self.chunks.append(self._h.hexdigest())
+                self._h, self._filled = new_hasher(), 0
+
+    def entry(self) -> dict:
+        tail = [self._h.hexdigest()] if self._filled or not self.chunks else []
+        return {"size": self.size, "chunk_bytes": CHUNK_BYTES, ALGORITHM: self.chunks + tail}
+
+
+def n_chunks(size: int) -> int:
+    return max(1, -(-size // CHUNK_BYTES))
+
+
+def hash_chunk(path: Path, index: int) -> str:
+    """The digest of chunk `index` of a file, hashed straight from the mapped file (no copy)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        start = index * CHUNK_BYTES
+        length = max(0, min(CHUNK_BYTES, size - start))
+        h = new_hasher()
+        if length:
+            with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start) as m:
+                h.update(m)
+        return h.hexdigest()
 
 
 def hash_file(path: Path) -> dict:
-    """Size and digest of a file, read in 8 MiB chunks into one buffer."""
-    h, size = new_hasher(), 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
-    return entry(size, h)
+    """Size and chunk digests of a file (chunks in parallel threads)."""
+    size = Path(path).stat().st_size
+    with ThreadPoolExecutor(THREADS) as pool:
+        chunks = list(pool.map(lambda i: hash_chunk(path, i), range(n_chunks(size))))
+    return {"size": size, "chunk_bytes": CHUNK_BYTES, ALGORITHM: chunks}
 
 
 class _Recorder:
@@ -116,7 +152,7 @@ class _HashingFile:
 
     def __init__(self, f, path: Path):
         self._f, self.path = f, path
-        self.hasher, self.size = new_hasher(), 0
+        self.hasher = ChunkHasher()
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -125,7 +161,6 @@ class _HashingFile:
             self._f.write(view)
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(self.path)) from None
-        self.size += len(view)
         return len(view)
 
     def flush(self) -> None:
@@ -152,7 +187,7 @@ def hashed_writer(path: Path):
             f.close()
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(path)) from None
-    record(path, entry(w.size, w.hasher))
+    record(path, w.hasher.entry())
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -275,49 +310,67 @@ def unlisted_files(directory: Path, listed) -> list[tuple[str, int]]:
     return sorted(out)
 
 
-def balance(sized: list[tuple[str, int]], world: int) -> list[list[str]]:
-    """Files split across `world` ranks so the bytes each hashes are about equal (largest first, each to
-    the least loaded rank); deterministic, so every rank computes the same split."""
-    shares: list[list[str]] = [[] for _ in range(world)]
+def balance(sized: list[tuple], world: int) -> list[list]:
+    """Items (name, size) split across `world` ranks so the bytes each hashes are about equal (largest
+    first, each to the least loaded rank); deterministic, so every rank computes the same split."""
+    shares: list[list] = [[] for _ in range(world)]
     load = [0] * world
-    for rel, size in sorted(sized, key=lambda x: (-x[1], x[0])):
+    for item in sorted(sized, key=lambda x: (-x[-1], x[:-1])):
         r = min(range(world), key=lambda i: (load[i], i))
-        shares[r].append(rel)
-        load[r] += size
+        shares[r].append(item[0] if len(item) == 2 else item[:-1])
+        load[r] += item[-1]
     return shares
 
 
 # ------------------------------------------------------------------------------------ verification
 
-def check_files(directory: Path, names: list[str], listed: dict[str, dict] | None) -> list[str]:
-    """Problems with `names` under `directory`: missing, wrong size, digest differs, unparsable."""
-    problems = []
-    for rel in names:
+def work_items(listed: dict[str, dict] | None, sized: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """(file, chunk, bytes) to check: every chunk of every listed file (a file without digests: chunk 0,
+    which stands for parsing it)."""
+    if listed is None:
+        return [(rel, 0, size) for rel, size in sized]
+    items = []
+    for rel, e in listed.items():
+        items += [(rel, i, min(CHUNK_BYTES, max(0, int(e["size"]) - i * CHUNK_BYTES)) or 1)
+                  for i in range(max(1, len(e.get(ALGORITHM) or [])))]
+    return items
+
+
+def check_items(directory: Path, items: list[tuple[str, int]], listed: dict[str, dict] | None) -> list[str]:
+    """Problems with (file, chunk) items under `directory`: missing, wrong size, a chunk's digest differs,
+    unparsable. Chunk 0 of a file also checks its existence, size and format."""
+    def check(item) -> str | None:
+        rel, index = item
         p = Path(directory) / rel
         want = (listed or {}).get(rel)
-        if not p.is_file():
-            if not Path(rel).name.startswith(OPTIONAL_PREFIXES):
-                problems.append(f"{rel}: missing")
-            continue
         try:
-            size = p.stat().st_size
-            if want is not None and size != want["size"]:
-                problems.append(f"{rel}: {size} bytes, saved with {want['size']} (truncated or overwritten)")
-                continue
-            if want is not None and hash_file(p)[ALGORITHM] != want[ALGORITHM]:
-                problems.append(f"{rel}: its content differs from the digest recorded when it was saved "
-                                f"(the bytes changed on disk)")
-                continue
+            if index == 0:
+                if not p.is_file():
+                    return None if Path(rel).name.startswith(OPTIONAL_PREFIXES) else f"{rel}: missing"
+                size = p.stat().st_size
+                if want is not None and size != want["size"]:
+                    return f"{rel}: {size} bytes, saved with {want['size']} (truncated or overwritten)"
+            elif not p.is_file() or (want is not None and p.stat().st_size != want["size"]):
+                return None  # chunk 0 reports it
+            if want is not None:
+                digests = want[ALGORITHM]
+                if want.get("chunk_bytes") != CHUNK_BYTES or index >= len(digests):
+                    return f"{rel}: its manifest entry is not one this engine writes"
+                if hash_chunk(p, index) != digests[index]:
+                    return (f"{rel}: its content differs from the digest recorded when it was saved (bytes "
+                            f"{index * CHUNK_BYTES}-{min((index + 1) * CHUNK_BYTES, want['size'])} changed on disk)")
         except OSError as e:
-            problems.append(f"{rel}: unreadable ({e.strerror or e})")
-            continue
-        if rel.endswith(".safetensors"):
+            return f"{rel}: unreadable ({e.strerror or e})"
+        if index == 0 and rel.endswith(".safetensors"):
             why = safetensors_problem(p)
             if why:
-                problems.append(f"{rel}: {why}")
-        elif want is None and rel.endswith(".pt") and not zipfile.is_zipfile(p):
-            problems.append(f"{rel}: not a readable torch file (truncated?)")
-    return problems
+                return f"{rel}: {why}"
+        elif index == 0 and want is None and rel.endswith(".pt") and not zipfile.is_zipfile(p):
+            return f"{rel}: not a readable torch file (truncated?)"
+        return None
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return [p for p in pool.map(check, items) if p]
 
 
 def state_problem(directory: Path, state_name: str) -> str | None:
@@ -333,9 +386,9 @@ def state_problem(directory: Path, state_name: str) -> str | None:
     return None
 
 
-def plan(directory: Path, state_name: str) -> tuple[dict[str, dict] | None, list[tuple[str, int]], list[str]]:
-    """What verifying `directory` involves: (listed files or None, (file, size) to check, problems found
-    without reading any file's content: the manifest and the trainer state)."""
+def plan(directory: Path, state_name: str) -> tuple[dict[str, dict] | None, list[tuple[str, int, int]], list[str]]:
+    """What verifying `directory` involves: (listed files or None, (file, chunk, bytes) items to check,
+    problems found without reading any file's content: the manifest and the trainer state)."""
     problems = []
     listed, why = read_manifest(directory)
     if why:
@@ -343,8 +396,5 @@ def plan(directory: Path, state_name: str) -> tuple[dict[str, dict] | None, list
     why = state_problem(directory, state_name)
     if why:
         problems.append(why)
-    if listed is not None:
-        sized = [(rel, int(e.get("size", 0))) for rel, e in listed.items()]
-    else:  # written before digests: parse what can be parsed
-        sized = unlisted_files(directory, ())
-    return listed, sized, problems
+    sized = unlisted_files(directory, ()) if listed is None else []  # written before digests: parse them
+    return listed, work_items(listed, sized), problems

@@ -95,9 +95,9 @@ class RunLock:
         _HELD.add(fd)
         info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                 "since_unix": time.time()}
-        for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
-            if os.environ.get(var):
-                info[var.lower()] = os.environ[var]
+        from engine import dist
+
+        info.update(dist.job_ids())
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

@@ -69,8 +69,10 @@ def test_every_file_of_a_checkpoint_has_a_digest_and_the_same_permissions(tmp_pa
     assert all(e["hashed_by"] == 0 and e == dict(integrity.hash_file(path / rel), hashed_by=0) for rel, e in listed.items())
     assert checkpoint.verify(path) == []
     # safetensors' own writer leaves 0600; the engine's files all get the umask's mode (issue: 0600 vs 0644)
-    modes = {rel: oct((path / rel).stat().st_mode & 0o777) for rel in listed if rel != "lib/moments.safetensors"}
-    assert len(set(modes.values())) == 1, modes
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {rel: (path / rel).stat().st_mode & 0o777 for rel in listed if rel != "lib/moments.safetensors"}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_verification_names_each_damaged_file_and_why(tmp_path):
@@ -86,6 +88,26 @@ def test_verification_names_each_damaged_file_and_why(tmp_path):
     assert "lib/moments.safetensors: 50 bytes, saved with" in problems[0]
     (path / checkpoint.STATE).write_text('{"step": 1, "tok')  # an invalid trainer_state.json
     assert any(p.startswith("trainer_state.json: not valid JSON") for p in checkpoint.verify(path))
+
+
+def test_a_large_file_is_checked_in_chunks_split_across_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr(integrity, "CHUNK_BYTES", 4096)  # a page: the smallest chunk that can be mapped
+    path = tmp_path / "ck"
+    path.mkdir()
+    with integrity.recording(path) as rec:
+        integrity.write_bytes(path / "big.bin", os.urandom(5 * 4096 + 100))
+        integrity.write_bytes(path / "small.bin", b"x" * 10)
+    assert len(rec.files["big.bin"][integrity.ALGORITHM]) == 6 and rec.files["big.bin"] == integrity.hash_file(path / "big.bin")
+    (path / "MANIFEST.json").write_bytes(integrity.write_manifest(path, rec.files))
+    (path / "trainer_state.json").write_text('{"step": 1}')
+    _flip(path / "big.bin", at=2 * 4096 + 7, n=1)
+    listed, items, problems = integrity.plan(path, "trainer_state.json")
+    assert problems == [] and len(items) == 7
+    shares = integrity.balance(items, 2)  # what two ranks check, each its half of the bytes
+    assert sorted(shares[0] + shares[1]) == sorted((rel, i) for rel, i, _ in items) and all(shares)
+    found = [p for share in shares for p in integrity.check_items(path, share, listed)]
+    assert found == ["big.bin: its content differs from the digest recorded when it was saved (bytes 8192-12288 "
+                     "changed on disk)"]
 
 
 def test_checkpoints_without_digests_are_parsed(tmp_path):
@@ -205,20 +227,32 @@ def test_streaming_safetensors_reads_back_with_safetensors(tmp_path):
 # --------------------------------------------------------------------------------------------- lock
 
 HOLD_RUN_LOCK = textwrap.dedent("""
-    import sys
+    import os, sys, time
     from pathlib import Path
     from engine import ownership
     ownership.RunLock(Path(sys.argv[1])).acquire()
+    if sys.argv[2] == "fork":  # a data worker forked while the lock is held, still alive when the holder dies
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
     print("locked", flush=True)
     sys.stdin.readline()
 """)
 
 
+def _holder(tmp_path, mode="plain", **env):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(tmp_path), mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env_for_subprocess(**env), cwd=ROOT)
+    child = int(proc.stdout.readline()) if mode == "fork" else None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc, child
+
+
 def test_the_run_lock_names_its_holder_and_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env_for_subprocess(SLURM_JOB_ID="4242"), cwd=ROOT)
+    holder, _ = _holder(tmp_path, SLURM_JOB_ID="4242")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UsageError) as e:
             ownership.RunLock(tmp_path).acquire()
         text = e.value.render()
@@ -229,16 +263,15 @@ def test_the_run_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     lock = ownership.RunLock(tmp_path).acquire()  # the OS released it with the process
     assert lock.held and json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
-    # a child forked while the lock is held does not keep it alive after the holder lets go
-    child = os.fork()
-    if child == 0:
-        time.sleep(3)
-        os._exit(0)
+    lock.release()
+    # a holder killed while a process it forked lives on: that child closed its copy, the lock is free
+    holder, child = _holder(tmp_path, "fork")
     try:
-        lock.release()
+        holder.kill()
+        holder.wait()
         ownership.RunLock(tmp_path).acquire().release()
     finally:
-        os.waitpid(child, 0)
+        os.kill(child, signal.SIGKILL)
 
 
 def test_run_dir_problems(tmp_path):
