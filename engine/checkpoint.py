@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import dist, fastpath, fault, integrity, ownership
+from engine import compat, dist, fastpath, fault, integrity, ownership
 from engine.errors import DiskFull
 
 STATE = "trainer_state.json"
@@ -433,7 +433,7 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
     if missing:
         raise RuntimeError(f"export is missing weights for {missing[:5]}")
     write_model_dir(out, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
-                                      tokenizer.save_pretrained(tmp)),
+                                      compat.save_tokenizer(tokenizer, tmp, cfg.n_positions)),  # transformers >= 4.57
                     {"written_by": "ftl-engine", "format": "hf", **(info or {})})
 
 

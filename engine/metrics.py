@@ -56,13 +56,15 @@ class Metrics:
     Every start replaces what earlier attempts logged past its starting step, so each (step, kind) row
     appears once: a run resumed at step s keeps rows up to s, a run starting at step 0 (after an attempt
     that saved nothing) keeps none, its step-0 evaluation included; TensorBoard hides the same events
-    (`purge_step`). The files are opened at the first row, so a run that logs nothing writes nothing."""
+    (`purge_step`). The files (and trackers) are opened at the first row, so a run that logs nothing
+    writes nothing."""
 
     def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+                 config: dict | None = None):
         self.enabled = enabled and run_dir is not None
-        self._tb = self._jsonl = self._bar = None
-        self._run_dir, self._start = run_dir, start_step
+        self._tb = self._jsonl = self._bar = self._trackers = None
+        self._run_dir, self._start, self._report_to, self._config = run_dir, start_step, report_to, config
         if not self.enabled:
             return
         if progress:
@@ -76,10 +78,15 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        from engine import tracking
+
         path = self._run_dir / "metrics.jsonl"
         drop_rows_after(path, self._start if self._start else -1)
         # purge_step: TensorBoard hides earlier files' events at and after it (step 0: all of them).
-        self._tb = SummaryWriter(str(self._run_dir / "tb"), purge_step=self._start + 1 if self._start else 0)
+        self._tb = (SummaryWriter(str(self._run_dir / "tb"), purge_step=self._start + 1 if self._start else 0)
+                    if "tensorboard" in self._report_to else _NoWriter())
+        # MLflow / W&B (run.report_to) get every row below, under the same names and steps
+        self._trackers = tracking.Trackers.open(self._report_to, self._run_dir, self._config, self._start)
         self._jsonl = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
@@ -92,6 +99,7 @@ class Metrics:
             self._jsonl.flush()
         except OSError as e:  # a full disk: say which file
             raise OSError(e.errno, e.strerror, str(self._run_dir / "metrics.jsonl")) from None
+        self._trackers.log(step, values)
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 tag = k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"{prefix}/{k}")
@@ -124,7 +132,8 @@ class Metrics:
                 self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(n)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """`finished`: this attempt ran to its end (trackers mark their run finished, else killed)."""
         if not self.enabled:
             return
         if self._bar is not None:
@@ -132,7 +141,15 @@ class Metrics:
         if self._jsonl is not None:
             self._tb.close()
             self._jsonl.close()
+            self._trackers.close(finished)
         self.enabled = False
+
+
+class _NoWriter:
+    """TensorBoard left out of run.report_to: the SummaryWriter calls do nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
 
 
 def drop_rows_after(path: Path, step: int) -> None:

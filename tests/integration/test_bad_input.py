@@ -55,6 +55,10 @@ CASES = [
     ("too-small-to-split", ["data.source={tmp}/one_row.jsonl"], ["data.text_column 'text' is not in the data; columns: body"]),
     ("run-dir-is-a-file", ["run.dir={tmp}/afile"], ["run.dir", "afile is an existing file, not a directory"]),
     ("run-dir-under-a-file", ["run.dir={tmp}/afile/run"], ["afile is a file; set run.dir elsewhere"]),
+    ("missing-tokenizer-dir", ["data.tokenizer={tmp}/runs/demo/tokenizer"],
+     ["data.tokenizer: the directory", "runs/demo/tokenizer' does not exist"]),
+    ("missing-model-dir", ["model.name=runs/demo/final"], ["model.name: the directory 'runs/demo/final' does not exist"]),
+    ("epochs-and-max-steps", ["train.epochs=2"], ["train.epochs=2 and train.max_steps=6 are both set; set one of them"]),
 ]
 
 
