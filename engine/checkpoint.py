@@ -405,8 +405,9 @@ def _describe(error: BaseException) -> str:
 
 
 def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, label_names: list[str] | None = None,
-              info: dict | None = None) -> None:
-    """Write a plain transformers model directory (safetensors + tokenizer) from full weights (rank 0).
+              info: dict | None = None, extras=None) -> None:
+    """Write a plain transformers model directory (safetensors + tokenizer) from full weights (rank 0);
+    `extras(dir)` adds files before the directory appears (a LoRA run's adapter/).
 
     It is written under a temporary sibling and renamed into place; an existing `out` is replaced only if
     the engine wrote it (its export.json, which this writes with `info`, lists its files)."""
@@ -429,11 +430,23 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
         model = auto.from_config(cfg)
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
+    if head == "lm":  # plain `generate` stops where the engine does: EOS and a chat template's end-of-turn marker
+        from engine.sft import end_of_turn_ids
+
+        stop = end_of_turn_ids(tokenizer)
+        if len(stop) > 1:
+            model.generation_config.eos_token_id = stop
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"export is missing weights for {missing[:5]}")
-    write_model_dir(out, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
-                                      compat.save_tokenizer(tokenizer, tmp, cfg.n_positions)),  # transformers >= 4.57
+
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        compat.save_tokenizer(tokenizer, tmp, cfg.n_positions)  # loadable by every transformers >= 4.57
+        if extras is not None:
+            extras(tmp)
+
+    write_model_dir(out, write,
                     {"written_by": "ftl-engine", "format": "hf", **(info or {})})
 
 
