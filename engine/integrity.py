@@ -33,6 +33,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,25 +127,29 @@ class _Recorder:
         self.files[rel] = digest if digest is not None else hash_file(Path(path))
 
 
-_recorder: _Recorder | None = None
+# Per thread: a save records what the thread that calls it writes (every writer here, and DeepSpeed's
+# save_checkpoint, write in the calling thread). A file written elsewhere is not lost, only hashed later,
+# with the files nobody recorded.
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def recording(root: Path):
     """Collect the digests of the files written under `root` (by `record` and the writers below)."""
-    global _recorder
-    previous, _recorder = _recorder, _Recorder(root)
+    previous = getattr(_local, "recorder", None)
+    _local.recorder = _Recorder(root)
     try:
-        yield _recorder
+        yield _local.recorder
     finally:
-        _recorder = previous
+        _local.recorder = previous
 
 
 def record(path: Path, digest: dict | None = None) -> None:
     """A backend wrote `path` (a file its library wrote): hash it now, while it is in the page cache.
     Outside a checkpoint save this does nothing."""
-    if _recorder is not None:
-        _recorder.add(Path(path), digest)
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder.add(Path(path), digest)
 
 
 class _HashingFile:

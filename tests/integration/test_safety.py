@@ -3,7 +3,7 @@
 - damaged checkpoints (flipped bytes, a truncated safetensors, an invalid trainer_state.json) are named
   by path and reason; resume=auto and `ftl export RUN` fall back to the newest one that verifies; a
   damaged checkpoint named explicitly is refused with exit 2;
-- `ftl export --out` never deletes what it did not write; final/ likewise; a run that is already complete
+- `ftl export --out` never deletes what it did not write; final/ and best/ likewise; a run that is already complete
   rewrites nothing;
 - Ctrl-C to `ftl train`: a checkpoint, exit 130 and the exact command that resumes (run here: it resumes);
   a second Ctrl-C during a save ends the process at once; Ctrl-C to torchrun with timed saves
@@ -158,6 +158,14 @@ def test_export_never_deletes_what_it_did_not_write(run6, tmp_path, capsys, monk
     before = _snapshot(run)
     code, err = _exit_code(["train", *tiny_overrides(run, **BASE), "--set", "train.max_steps=8"], capsys)
     assert code == 2 and "run.dir's final/" in err and "my-notes.txt" in err, err
+    assert _snapshot(run) == before
+    # best/ likewise (a directory the user made there, without the engine's export.json)
+    (run / "final" / "my-notes.txt").unlink()
+    (run / "best").mkdir()
+    (run / "best" / "weights.bin").write_text("mine")
+    before = _snapshot(run)
+    code, err = _exit_code(["train", *tiny_overrides(run, **BASE), "--set", "train.max_steps=8"], capsys)
+    assert code == 2 and "run.dir's best/" in err and "run.dir's final/" not in err, err
     assert _snapshot(run) == before
 
 
