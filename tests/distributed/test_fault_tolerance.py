@@ -130,6 +130,9 @@ def test_elastic_restart_after_a_crash_ends_with_the_same_weights(reference, tmp
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in out  # no warning: the workaround is in place
     assert "FTL_FAULT crash rank 1 step 7" in out  # rank 1 really died (SIGKILL) ...
     assert f"resumed from {run / 'checkpoints' / 'step-000005'} at step 5" in out  # ... and the job came back
+    # ... past the run-directory lock: the killed attempt's rank 0 held it, the restarted attempt's rank 0 took it
+    holder = json.loads((run / "LOCK").read_text(encoding="utf-8"))
+    assert holder["torchelastic_restart_count"] == "1", holder
     assert losses_by_step(run) == ref_losses
     assert bitwise_equal(checkpoint_tensors(run / "checkpoints" / f"step-{STEPS:06d}"), ref_state) == []
 
