@@ -63,6 +63,7 @@ import gc
 import io
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -307,25 +308,31 @@ class FSDPBackend(Backend):
         return float(self.scaler.get_scale()) if self.scaler else None
 
     # --- state -------------------------------------------------------------------------------------------
-    def _state_dicts(self) -> dict:
+    def _state_dicts(self, with_optimizer: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
         options = StateDictOptions(ignore_frozen_params=not self.saves_frozen)
-        return {"model": get_model_state_dict(self._module, options=options),
-                "optim": get_optimizer_state_dict(self._module, self.optimizer, options=options)}
+        state = {"model": get_model_state_dict(self._module, options=options)}
+        if with_optimizer:
+            state["optim"] = get_optimizer_state_dict(self._module, self.optimizer, options=options)
+        return state
 
     def save(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
         root = path / CKPT_SUBDIR
-        dcp.save(self._state_dicts(), storage_writer=dcp.FileSystemWriter(str(root), sync_files=True))
+        # An optimizer that has not updated yet (every step so far skipped as non-finite) has no state; asking
+        # DCP for it would create some (a zero-lr step: step count 1), and Adam's bias correction would differ
+        # from the run that never saved. Such a checkpoint holds no optimizer state, as DDP's holds an empty one.
+        started = bool(self.optimizer.state)
+        dcp.save(self._state_dicts(started), storage_writer=dcp.FileSystemWriter(str(root), sync_files=True))
         if self.env.is_main:
             if self.scaler:
                 torch.save(self.scaler.state_dict(), root / SCALER)
             layout = {"world_size": self.env.world_size, "mesh": list(self.mesh.shape),
                       "dtype": str(self.param_dtype).removeprefix("torch."), "saves_frozen": self.saves_frozen,
-                      "grad_sync": self.cfg.dist.fsdp_grad_sync}
+                      "optimizer_state": started, "grad_sync": self.cfg.dist.fsdp_grad_sync}
             (root / LAYOUT).write_text(json.dumps(layout, indent=1), encoding="utf-8")
 
     def load(self, path: Path) -> None:
@@ -334,11 +341,14 @@ class FSDPBackend(Backend):
                                                              set_optimizer_state_dict)
 
         root = _layout_dir(path)
-        state = self._state_dicts()
+        layout = json.loads((root / LAYOUT).read_text(encoding="utf-8"))
+        started = bool(layout.get("optimizer_state", True))
+        state = self._state_dicts(started)  # templates: this job's shards, which DCP fills from the saved chunks
         dcp.load(state, storage_reader=SafeReader(str(root)), planner=SafeLoadPlanner())
         options = StateDictOptions(strict=self.saves_frozen)
         set_model_state_dict(self._module, state["model"], options=options)
-        set_optimizer_state_dict(self._module, self.optimizer, state["optim"], options=options)
+        if started:
+            set_optimizer_state_dict(self._module, self.optimizer, state["optim"], options=options)
         if self.scaler and (root / SCALER).is_file():
             self.scaler.load_state_dict(torch.load(root / SCALER, weights_only=True))
 
@@ -357,16 +367,18 @@ class FSDPBackend(Backend):
 
     # --- memory ------------------------------------------------------------------------------------------
     def memory_report(self) -> dict:
-        """Planned bytes per rank: fp32 parameter shards, fp32 gradient shards (full-size while accumulating
-        with fsdp_grad_sync=step), AdamW's two fp32 moments of the trainable shards. The gathered weights of
-        the running block(s) come and go within forward/backward."""
+        """Planned bytes per rank: fp32 parameter shards, fp32 gradient shards (with fsdp_grad_sync=step also
+        the full-size gradients of the micro-batches before the last), AdamW's two fp32 moments of the trainable
+        shards. The gathered weights of the running block(s) come and go within forward/backward."""
         n_all = sum(p.numel() for p in {id(p): p for p in self._module.parameters()}.values())
         n_train = sum(p.numel() for p in self._params)
         shard = lambda x: -(-x // self.shard_world)  # noqa: E731
-        grads = 4 * shard(n_train) + (4 * n_train if self.cfg.dist.fsdp_grad_sync == "step" else 0)
-        return {"params": 4 * shard(n_all), "grads": grads, "optimizer": 8 * shard(n_train),
-                "world_size": self.env.world_size, "mesh": list(self.mesh.shape),
-                "offloaded": ["params", "grads", "optimizer"] if self.offload else []}
+        report = {"params": 4 * shard(n_all), "grads": 4 * shard(n_train), "optimizer": 8 * shard(n_train),
+                  "world_size": self.env.world_size, "mesh": list(self.mesh.shape),
+                  "offloaded": ["params", "grads", "optimizer"] if self.offload else []}
+        if self.cfg.dist.fsdp_grad_sync == "step" and self.cfg.train.grad_accum > 1:
+            report["grads_during_accumulation"] = 4 * n_train  # full size until the last micro-batch's backward
+        return report
 
     def measured_memory(self) -> dict:
         """What this rank holds now, from live tensors: its parameter shards (with FSDP's padding), the
@@ -393,36 +405,28 @@ class FSDPBackend(Backend):
 
 # ------------------------------------------------------------------------------------------- safe reading
 
-_DCP_METADATA_CLASSES = {
+# Everything a DCP index (.metadata) refers to, as written by torch 2.13: DCP's own metadata records, torch.Size,
+# dtypes/layouts/memory formats, and the path the checkpoint was saved to.
+_DCP_INDEX_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch._utils", "_rebuild_tensor_v2"),
-     ("collections", "OrderedDict"), ("torch.distributed.checkpoint._extension", "ExtensionRegistry")}
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP writes its index (.metadata) with pickle; this reads it allowing only DCP's metadata classes,
-    torch dtypes/layouts/memory formats and plain containers: a crafted file cannot run code."""
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP writes its index with pickle and reads it with pickle.load; this reads it allowing only the
+    classes above (plain containers need no lookup), so a crafted index cannot run code."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _DCP_METADATA_CLASSES:
+        if (module, name) in _DCP_INDEX_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16",
-                                          "int8", "uint8", "bool", "strided", "contiguous_format", "preserve_format",
-                                          "channels_last", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2"):
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
-        if module == "builtins" and name in ("set", "frozenset", "dict", "list", "tuple", "slice", "getattr"):
-            if name == "getattr":
-                return _torch_getattr
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint index refers to {module}.{name}, which a DCP index never holds")
-
-
-def _torch_getattr(obj, name):
-    if obj is torch and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-        return getattr(torch, name)
-    raise pickle.UnpicklingError(f"checkpoint index asks for {obj!r}.{name}")
+        raise pickle.UnpicklingError(f"the checkpoint index refers to {module}.{name}, which a DCP index never "
+                                     f"holds; refusing to load it")
 
 
 def _safe_reader_base():
@@ -432,14 +436,14 @@ def _safe_reader_base():
 
 
 class SafeReader(_safe_reader_base()):
-    """FileSystemReader whose index is read by `_MetadataUnpickler` instead of pickle.load."""
+    """FileSystemReader whose index is read by `_IndexUnpickler` instead of pickle.load."""
 
     def read_metadata(self, *args, **kwargs):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            metadata = _IndexUnpickler(io.BytesIO(f.read())).load()
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -490,5 +494,7 @@ def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
              if k.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
     if not state:
         raise UsageError(f"{ckpt}: the fsdp checkpoint holds no model weights")
-    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": yes, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
     return {k[len(prefix):]: v.float() for k, v in state.items()}
