@@ -213,7 +213,8 @@ class Recorder(TorchDispatchMode):
     # --- replay --------------------------------------------------------------------------------------
     def materialize(self, refs: list[Ref]) -> list[torch.Tensor]:
         """The full CPU values of `refs` (views of one or more recorded storages), computed by replaying
-        only the events they depend on. The global generator is left as it was."""
+        only the events they depend on; each intermediate storage is freed after its last use, and
+        `last_peak_bytes` says how much was alive at once. The global generator is left as it was."""
         need = {r.key for r in refs}
         chosen: list[Event] = []
         for e in reversed(self.events):
@@ -221,8 +222,14 @@ class Recorder(TorchDispatchMode):
                 chosen.append(e)
                 need |= e.reads
         chosen.reverse()
+        targets = {r.key for r in refs}
+        last_use = {}
+        for i, e in enumerate(chosen):
+            for key in e.reads | e.writes:
+                last_use[key] = i
         storages: dict[int, torch.UntypedStorage] = {}
         saved = torch.get_rng_state()
+        peak = 0
 
         def real(x):
             if isinstance(x, Ref):
@@ -232,7 +239,7 @@ class Recorder(TorchDispatchMode):
             return x
 
         try:
-            for e in chosen:
+            for i, e in enumerate(chosen):
                 if isinstance(e.func, _ExternalWrite):
                     (target,) = e.args
                     storages.setdefault(target.key, torch.UntypedStorage(target.nbytes))
@@ -241,18 +248,25 @@ class Recorder(TorchDispatchMode):
                     if tuple(value.shape) != tuple(dest.shape):
                         raise RuntimeError(f"deferred init: loaded shape {tuple(value.shape)} != {tuple(dest.shape)}")
                     dest.copy_(value)
-                    continue
-                if e.rng is not None:
-                    gen, state = e.rng
-                    gen.set_state(state)
-                out = e.func(*pytree.tree_map(real, e.args), **pytree.tree_map(real, e.kwargs))
-                for ref, value in zip(pytree.tree_leaves(e.out), pytree.tree_leaves(out)):
-                    if isinstance(ref, Ref) and ref.key not in storages and isinstance(value, torch.Tensor):
-                        storages[ref.key] = value.untyped_storage()
+                    transient = value.untyped_storage().nbytes()
+                    del value
+                else:
+                    if e.rng is not None:
+                        gen, state = e.rng
+                        gen.set_state(state)
+                    out = e.func(*pytree.tree_map(real, e.args), **pytree.tree_map(real, e.kwargs))
+                    for ref, value in zip(pytree.tree_leaves(e.out), pytree.tree_leaves(out)):
+                        if isinstance(ref, Ref) and ref.key not in storages and isinstance(value, torch.Tensor):
+                            storages[ref.key] = value.untyped_storage()
+                    transient = 0
+                    del out
+                peak = max(peak, transient + sum(s.nbytes() for s in storages.values()))
+                for key in [k for k in storages if last_use.get(k, -1) <= i and k not in targets]:
+                    del storages[key]
         finally:
             torch.set_rng_state(saved)
-        self.last_peak_bytes = sum(s.nbytes() for s in storages.values())
-        return [r.view(storages[r.key]).clone() if r.key in storages else _missing(r) for r in refs]
+        self.last_peak_bytes = peak
+        return [r.view(storages[r.key]) if r.key in storages else _missing(r) for r in refs]
 
 
 def _missing(ref: Ref) -> torch.Tensor:
