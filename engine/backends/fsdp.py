@@ -6,8 +6,9 @@ the 2-D HSDP mesh `(replicate=R, shard=world/R)`: parameters, gradients and opti
 within a replica group (a node) and replicated across them. A sharded parameter is an fp32 DTensor
 holding 1/shard of every tensor; the optimizer steps those shards, so its master weights are fp32.
 
-    dist.reshard_after_forward=true    blocks free their gathered weights after forward and gather again in
-                                       backward (ZeRO-3-like); false keeps them to the backward (ZeRO-2-like)
+    dist.reshard_after_forward=true    every group frees its gathered weights after its forward and gathers
+                                       them again in backward (ZeRO-3-like); false keeps them until its
+                                       backward (ZeRO-2-like)
     train.precision=bf16               MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): bf16
                                        compute, fp32 gradient reduction, fp32 sharded master weights
     train.precision=fp16               the same in fp16, with torch's ShardedGradScaler (its inf/NaN check is
@@ -29,11 +30,17 @@ The loop's protocol, as this backend implements it:
     step(lr, clip)                     global norm of the sharded gradients (one all-reduce of the squared
                                        shard norms), clip, AdamW on the shards unless the norm is non-finite
 
-Collectives per optimizer step with L blocks and A micro-batches (default sync, 1-D mesh), counted by
-tests/distributed/test_fsdp.py: all-gathers A x (L + 1) in forward plus A x L in backward when blocks
-reshard after forward (the root stays gathered until its backward); reduce-scatters A x (L + 1); all-reduces
-2 (the trainer's target count and the gradient norm). fsdp_grad_sync=step: reduce-scatters L + 1. HSDP adds
-L + 1 all-reduces across replicas per step.
+Collectives per optimizer step with L blocks (L + 1 FSDP groups with the root) and A micro-batches, counted
+on 2 gloo ranks with L = A = 2 (docs/distributed.md shows the command):
+
+    default (reshard_after_forward=true, fsdp_grad_sync=micro_batch)
+        all-gathers      2 A (L + 1)   each group gathered for its forward and again for its backward
+        reduce-scatters  A (L + 1)     each group's gradients, after every micro-batch's backward
+        all-reduces      2             the trainer's target count (+ preemption flag), the gradient norm
+    reshard_after_forward=false        all-gathers A (L + 1): kept from forward to backward
+    fsdp_grad_sync=step                reduce-scatters L + 1: only the last micro-batch's backward
+    HSDP (fsdp_replicate > 1)          + (L + 1) all-reduces across the replica groups, after the last
+                                       micro-batch only (the shards add up locally before)
 
 Construction never holds the whole model: the trainer builds it inside `construct()`/`adapting()`, where
 engine/backends/deferred_init.py records it on the meta device (random init, transformers' from_pretrained
@@ -44,7 +51,8 @@ at a time (`init_peak_bytes` in the memory report).
 
 Checkpoints are torch.distributed.checkpoint (DCP) directories inside the engine's atomic checkpoint:
 
-    <ckpt>/fsdp/layout.json           {"world_size", "mesh", "dtype", "saves_frozen", "grad_sync"}
+    <ckpt>/fsdp/layout.json           {"world_size", "mesh", "dtype", "saves_frozen", "optimizer_state",
+                                       "grad_sync"}
     <ckpt>/fsdp/.metadata             DCP's index: every tensor's global shape and which file holds which chunk
     <ckpt>/fsdp/__R_0.distcp          rank R's chunks: "model.<name>" (fp32 shards) and "optim.state.<name>.*"
                                       (Adam moments and step), "optim.param_groups.*" (hyperparameters)
@@ -178,8 +186,9 @@ class FSDPBackend(Backend):
             fully_shard(block, reshard_after_forward=reshard,
                         mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32), **common)
         # The root: embeddings, final LayerNorm, LM head / classifier. Its inputs are never cast (cls sample
-        # weights stay fp32); it stays gathered from forward to backward, which starts with it.
-        fully_shard(module, reshard_after_forward=False,
+        # weights stay fp32). It follows the same setting: the tied embedding is GPT-2's largest tensor, and an
+        # evaluation forward (no backward) must not leave it gathered.
+        fully_shard(module, reshard_after_forward=reshard,
                     mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32,
                                                    cast_forward_inputs=False), **common)
         register_forward(module, "logits")  # evaluation and the export check call it outside forward()
@@ -241,6 +250,15 @@ class FSDPBackend(Backend):
             target.to_local().copy_(local)
         else:
             target.copy_(full)
+
+    def _reshard(self) -> None:
+        """Every group back to its shards (after an evaluation forward with reshard_after_forward=false the
+        gathered weights are still registered), before anything reads or writes the sharded state."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self._module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def compile(self) -> None:
         # One compiled graph per block, FSDP's gather/reduce hooks outside it (dynamo skips FSDP hooks): the
@@ -313,7 +331,11 @@ class FSDPBackend(Backend):
                                                              get_optimizer_state_dict)
 
         options = StateDictOptions(ignore_frozen_params=not self.saves_frozen)
-        state = {"model": get_model_state_dict(self._module, options=options)}
+        model = get_model_state_dict(self._module, options=options)
+        if not self.saves_frozen:  # also the tied alias of a frozen embedding (lm_head.weight), which DSD keeps
+            frozen = {n for n, p in self._module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            model = {k: v for k, v in model.items() if k not in frozen}
+        state = {"model": model}
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self._module, self.optimizer, options=options)
         return state
@@ -326,6 +348,7 @@ class FSDPBackend(Backend):
         # DCP for it would create some (a zero-lr step: step count 1), and Adam's bias correction would differ
         # from the run that never saved. Such a checkpoint holds no optimizer state, as DDP's holds an empty one.
         started = bool(self.optimizer.state)
+        self._reshard()
         dcp.save(self._state_dicts(started), storage_writer=dcp.FileSystemWriter(str(root), sync_files=True))
         if self.env.is_main:
             if self.scaler:
@@ -343,6 +366,7 @@ class FSDPBackend(Backend):
         root = _layout_dir(path)
         layout = json.loads((root / LAYOUT).read_text(encoding="utf-8"))
         started = bool(layout.get("optimizer_state", True))
+        self._reshard()
         state = self._state_dicts(started)  # templates: this job's shards, which DCP fills from the saved chunks
         dcp.load(state, storage_reader=SafeReader(str(root)), planner=SafeLoadPlanner())
         options = StateDictOptions(strict=self.saves_frozen)
@@ -359,6 +383,7 @@ class FSDPBackend(Backend):
         """Gathered fp32 weights on rank 0 (a collective: one all-gather per tensor, each moved to the CPU)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        self._reshard()
         state = get_model_state_dict(self._module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.env.is_main:
             return None
@@ -384,6 +409,7 @@ class FSDPBackend(Backend):
         """What this rank holds now, from live tensors: its parameter shards (with FSDP's padding), the
         optimizer state (and the device it lives on), the gradient shards seen at the first update, and the
         largest full tensor set replayed at construction."""
+        self._reshard()
         params = [p.to_local() for p in {id(p): p for p in self._module.parameters()}.values()]
         state = [t.to_local() if hasattr(t, "to_local") else t
                  for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]

@@ -282,3 +282,57 @@ def test_one_process_matches_and_resumes_on_two_ranks(one_process, single, root,
     assert "resuming a checkpoint written by 1 rank(s) on 2" in proc.stdout
     _resumed_matches(resumed, one_process, first=3)
     _resumed_matches(resumed, single, first=3)
+
+
+def test_kill_9_mid_save_leaves_no_usable_checkpoint_and_nan_steps_are_skipped(root, corpus, tmp_path):
+    """Rank 1's loss is NaN at step 2 (both ranks skip that update: the NaN reaches every shard through the
+    reduce-scatter); step 3's save is stopped after the ranks wrote their DCP files and before COMPLETE, and
+    every process gets SIGKILL. What is left must never be taken for a checkpoint."""
+    from engine import checkpoint
+    from engine.backends.fsdp import full_state_from_checkpoint
+
+    run_dir = root / "fsdp_killed"
+    job = Watched(torchrun_cmd(2, fsdp_args(run_dir, corpus, **{"checkpoint.every": 1, "checkpoint.keep": 5})),
+                  FTL_FAULT_INJECT="nan@step=2,rank=1;hang_save@step=3,rank=0")
+    try:
+        job.wait_for(r"FTL_FAULT hang_save rank 0 step 3", timeout=400)
+        time.sleep(1)  # rank 1 reaches the barrier that waits for rank 0
+        for p in job.descendants("engine.cli train"):
+            p.send_signal(signal.SIGKILL)
+        job.kill_tree()
+    finally:
+        job.wait(60)
+    ckpts = run_dir / "checkpoints"
+    torn = ckpts / ".tmp-step-000003"
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (torn / "fsdp").iterdir()}
+    assert not checkpoint.is_complete(torn) and not (ckpts / "step-000003").exists()
+    assert checkpoint.find_latest(ckpts) == ckpts / "step-000002"
+    proc = run_ftl(["export", torn, "--out", tmp_path / "out"])
+    assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    # the NaN step: skipped on both ranks, weights and Adam state untouched, counted in the log
+    w1, w2 = (full_state_from_checkpoint(ckpts / f"step-00000{s}") for s in (1, 2))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    o1, o2 = (_optimizer_state(ckpts / f"step-00000{s}") for s in (1, 2))
+    assert o1.keys() == o2.keys() and len(o1) > 0 and all(torch.equal(o1[k], o2[k]) for k in o1)
+    rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    assert rows[2]["skipped_steps"] == 1 and "skipped_steps" not in rows[1]
+    # and the run continues from the newest complete checkpoint, here on one rank
+    resumed = _train_in_process(run_dir, **split_overrides(corpus, 2, 4, **{"dist.backend": "fsdp"}))
+    assert not torn.exists()  # the next save cleared the torn directory
+    assert sorted(r["step"] for r in read_metrics(resumed) if "loss" in r) == [1, 2, 3, 4]
+
+
+def _optimizer_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The Adam moments and step counts of an fsdp checkpoint, read offline."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from engine.backends.fsdp import SafeLoadPlanner, SafeReader
+
+    reader = SafeReader(str(ckpt / "fsdp"))
+    md = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items()
+             if k.startswith("optim.state.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
+    return state

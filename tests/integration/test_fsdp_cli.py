@@ -1,0 +1,127 @@
+"""dist.backend=fsdp in one process (a process group of one, a mesh of one): what it refuses (exit 2, one
+message, nothing written), and the features that must behave exactly as under DDP: LoRA (adapter-only DCP
+checkpoints), per-block compile, activation checkpointing, freezing, a pretrained directory loaded lazily
+into the shards, and mixed precision (bf16 compute, fp32 reduction, fp32 master weights and moments)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import assert_train_refused, read_metrics, tiny_config, train_losses
+
+CASES = [
+    ("hsdp-shape", ["dist.backend=fsdp", "dist.fsdp_replicate=2"],
+     ["dist.fsdp_replicate=2 does not divide the 1 ranks of this job"]),
+    ("deepspeed-keys", ["dist.backend=fsdp", "dist.zero_stage=3", "dist.fsdp_replicate=0"],
+     ["2 problems", "dist.zero_stage / dist.ds_config need dist.backend=deepspeed",
+      "dist.fsdp_replicate must be >= 1 (got 0)"]),
+    ("fsdp-keys-without-fsdp", ["dist.reshard_after_forward=false", "dist.offload=cpu"],
+     ["2 problems", "dist.reshard_after_forward / dist.fsdp_replicate / dist.fsdp_grad_sync need dist.backend=fsdp",
+      "dist.offload needs dist.backend=deepspeed or fsdp"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_settings_fsdp_cannot_honour_exit_2(case, tmp_path, capsys):
+    _, overrides, expected = case
+    assert_train_refused(tmp_path, overrides, expected, capsys)
+
+
+def test_every_rank_finds_the_same_hsdp_problem_without_a_process_group(tmp_path):
+    from engine.backends.fsdp import problems
+
+    cfg = tiny_config(tmp_path / "run", **{"dist.backend": "fsdp", "dist.fsdp_replicate": 3})
+    assert problems(cfg, 8) == problems(cfg, 8) and "dist.fsdp_replicate=3 does not divide the 8 ranks" in problems(cfg, 8)[0]
+    assert problems(cfg, 6) == []
+
+
+def _train(run_dir: Path, **overrides):
+    """Train in this process; returns the run directory and the trainer's backend facts read before closing."""
+    from engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config(run_dir, **{"train.max_steps": 4, "train.sample_tokens": 0, **overrides}),
+                      progress=False)
+    facts = {}
+    try:
+        trainer.train()
+        backend = trainer.backend
+        if backend.name == "fsdp":
+            blocks = list(backend.module.hf.transformer.h)
+            facts["compiled"] = [getattr(b, "_compiled_call_impl", None) is not None for b in blocks]
+            facts["param_dtypes"] = {p.to_local().dtype for p in backend.module.parameters()}
+            state = [t for s in backend.optimizer.state.values() for k, t in s.items() if k != "step"]
+            facts["state_dtypes"] = {t.to_local().dtype for t in state}
+            from torch.distributed.fsdp import fully_shard
+
+            policy = fully_shard.state(blocks[0])._fsdp_param_group.mp_policy
+            facts["mp"] = (policy.param_dtype, policy.reduce_dtype)
+    finally:
+        trainer.close()
+    return run_dir, facts
+
+
+def _same(a: Path, b: Path) -> None:
+    assert train_losses(a) == pytest.approx(train_losses(b), rel=1e-6)
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+def test_lora_with_per_block_compile_and_checkpointing_matches_ddp(tmp_path):
+    lora = {"model.lora_rank": 4, "optim.lr": 3e-3}
+    ddp, _ = _train(tmp_path / "ddp", **lora)
+    fsdp, facts = _train(tmp_path / "fsdp", **lora, **{
+        "dist.backend": "fsdp", "model.compile": True, "perf.compile_backend": "aot_eager",
+        "model.gradient_checkpointing": True})
+    _same(fsdp, ddp)
+    assert facts["compiled"] == [True, True]  # each block compiled on its own, FSDP's hooks outside
+    # a LoRA checkpoint leaves the frozen base out (rebuilt from model.name on resume)
+    from engine.backends.fsdp import SafeReader
+
+    keys = SafeReader(str(fsdp / "checkpoints" / "step-000004" / "fsdp")).read_metadata().state_dict_metadata
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+
+
+def test_frozen_cls_from_a_pretrained_directory_matches_ddp(tmp_path):
+    base, _ = _train(tmp_path / "base")
+    reviews = tmp_path / "reviews.jsonl"
+    good, bad = "bright calm kind lovely warm".split(), "awful cold grim harsh sad".split()
+    reviews.write_text("".join(json.dumps({"text": " ".join((good if i % 2 else bad)[j % 5] for j in range(i % 7 + 2)),
+                                           "label": "pos" if i % 2 else "neg"}) + "\n" for i in range(48)))
+    cls = {"model.name": str(base / "final"), "model.head": "cls", "data.source": str(reviews),
+           "data.val_fraction": 0.25, "model.freeze": ["embeddings", "blocks:1"], "optim.lr": 3e-3,
+           "optim.eps": 1e-6}  # as in the other parity tests: Adam must not blow up ~1e-10 noise of zero gradients
+    ddp, _ = _train(tmp_path / "ddp", **cls)
+    fsdp, _ = _train(tmp_path / "fsdp", **cls, **{"dist.backend": "fsdp"})
+    _same(fsdp, ddp)
+    # read from the directory into the shards: nothing whole was built, the first evaluation is DDP's
+    measured = [r["memory"]["measured"][0] for r in read_metrics(fsdp) if "memory" in r][0]
+    assert measured["params_at_build"] == 0
+    first = [r for r in read_metrics(fsdp) if r["step"] == 0 and "eval_loss" in r]
+    assert first[0]["eval_loss"] == pytest.approx([r for r in read_metrics(ddp) if r["step"] == 0
+                                                   and "eval_loss" in r][0]["eval_loss"], rel=1e-6)
+
+
+def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path):
+    # stop_at_step: no final/ export (its bf16 logit check belongs to the like-with-like export work)
+    run, facts = _train(tmp_path / "bf16", **{"dist.backend": "fsdp", "train.precision": "bf16",
+                                             "train.max_steps": 6, "train.stop_at_step": 3})
+    assert facts["mp"] == (torch.bfloat16, torch.float32)  # gathered weights bf16, gradients reduced in fp32
+    assert facts["param_dtypes"] == {torch.float32} and facts["state_dtypes"] == {torch.float32}
+    layout = json.loads((run / "checkpoints" / "step-000003" / "fsdp" / "layout.json").read_text())
+    assert layout["dtype"] == "bfloat16"
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from engine.backends.fsdp import SafeReader
+
+    saved = SafeReader(str(run / "checkpoints" / "step-000003" / "fsdp")).read_metadata().state_dict_metadata
+    dtypes = {m.properties.dtype for k, m in saved.items() if isinstance(m, TensorStorageMetadata)
+              and (k.startswith("model.") or k.endswith(("exp_avg", "exp_avg_sq")))}
+    assert dtypes == {torch.float32}  # the checkpoint holds the fp32 master weights and moments
+    losses = train_losses(run)
+    assert len(losses) == 3 and all(map(lambda x: 0 < x < 20, losses))
