@@ -152,7 +152,9 @@ def base_fingerprint(module: nn.Module) -> str | None:
         if p.numel() == 0 or hasattr(p, "ds_id") or p.is_meta:
             return None
         # an FSDP shard: the whole tensor, one at a time (a collective every rank reaches in the same order)
-        flat = (p.full_tensor() if isinstance(p, DTensor) else p).detach().reshape(-1)
+        if isinstance(p, DTensor):  # offloaded shards live on the CPU; the gather runs on the mesh's device
+            p = p.detach().to(p.device_mesh.device_type).full_tensor()
+        flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].double().cpu()
         h.update(f"{name}:{tuple(p.shape)}:{sample.sum().item():.12e}:{sample.abs().sum().item():.12e}".encode())
     return h.hexdigest()[:16]

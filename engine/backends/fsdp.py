@@ -240,14 +240,17 @@ class FSDPBackend(Backend):
         gc.collect()
 
     def _write(self, module: nn.Module, name: str, full: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        """Copy this rank's slice of `full` (a CPU tensor) into the parameter or buffer `name`: only the slice
+        travels to the device, no communication."""
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         owner, _, leaf = name.rpartition(".")
         target = getattr(module.get_submodule(owner) if owner else module, leaf)
         if isinstance(target, DTensor):
-            local = distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements,
-                                      src_data_rank=None).to_local()  # this rank's slice; no communication
-            target.to_local().copy_(local)
+            shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+            piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            target.to_local().copy_(piece)
         else:
             target.copy_(full)
 
