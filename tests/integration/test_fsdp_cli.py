@@ -125,3 +125,38 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path):
     assert dtypes == {torch.float32}  # the checkpoint holds the fp32 master weights and moments
     losses = train_losses(run)
     assert len(losses) == 3 and all(map(lambda x: 0 < x < 20, losses))
+
+
+def test_a_checkpoint_before_the_first_update_keeps_adams_step_count(tmp_path, monkeypatch):
+    """Step 1 is non-finite (skipped: the optimizer has no state yet) and a checkpoint is saved right after it.
+    Saving must not create optimizer state (DCP would run a zero-lr step: Adam's step count 1 before the first
+    real update), so the run that saved continues exactly like the one that did not, and its checkpoint says
+    it holds no optimizer state."""
+    monkeypatch.setenv("FTL_FAULT_INJECT", "nan@step=1")
+    common = {"dist.backend": "fsdp", "optim.warmup_steps": 0, "train.max_steps": 3}
+    saving, _ = _train(tmp_path / "saving", **common, **{"checkpoint.every": 1, "checkpoint.keep": 3})
+    plain, _ = _train(tmp_path / "plain", **common)
+    assert train_losses(saving)[1:] == train_losses(plain)[1:]
+    layout = json.loads((saving / "checkpoints" / "step-000001" / "fsdp" / "layout.json").read_text())
+    assert layout["optimizer_state"] is False
+    assert json.loads((saving / "checkpoints" / "step-000002" / "fsdp" / "layout.json").read_text())["optimizer_state"]
+
+
+def test_large_exports_are_sharded_safetensors_with_an_index(tmp_path, monkeypatch):
+    """export_hf splits an export above checkpoint.EXPORT_SHARD_SIZE (2 GB: gpt2-large/xl in fp32) into several
+    files and an index; shown here with a 100 kB limit on the tiny model, reloaded by plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import checkpoint, data, model as model_lib
+    from engine.config import ModelConfig
+
+    monkeypatch.setattr(checkpoint, "EXPORT_SHARD_SIZE", "100KB")
+    tok = data.train_bpe(iter(["some text for a tokenizer"] * 50), 300)
+    cfg = ModelConfig(name="gpt2-tiny")
+    hf = model_lib.build(cfg, model_lib.resolve(cfg), tok)
+    out = tmp_path / "export"
+    checkpoint.export_hf(hf.config, "lm", hf.state_dict(), tok, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in hf.state_dict().items())
