@@ -5,16 +5,17 @@ rank), split world=2 x micro=2 x accum=2, must give the losses, gradient norms a
 process with micro=8 and of DeepSpeed ZeRO-3 with the same split (invariant 1), for every way FSDP can run.
 Each launch carries several properties, to keep the suite short:
 
-    fsdp          defaults (blocks reshard after forward, reduce-scatter every micro-batch): parity, initial
-                  weights, memory ~1/world with params_at_build 0, final/ and the offline DCP reader, a
-                  checkpoint at step 2 (resume 2 -> 1) and `ftl export` of it
+    fsdp          defaults (every group reshards after forward, reduce-scatter every micro-batch): parity from
+                  the first step, initial weights, memory ~1/world with params_at_build 0, final/ and the
+                  offline DCP reader, `ftl export` of the step-2 checkpoint, which also resumes on 1 rank
+    one_process   fsdp without a launcher (a process group of one): parity; it saves at step 2
     fsdp_zero2    reshard_after_forward=false + dist.offload=cpu + fsdp_grad_sync=step + activation
-                  checkpointing: parity, and where the optimizer state lives
-    hsdp          4 ranks on a 2 x 2 mesh (dist.fsdp_replicate=2): parity, the mesh in the checkpoint
-    killed        SIGKILL to both ranks in the middle of the step-2 save: no usable-looking checkpoint is
-                  left; the same run directory then resumes (checkpoint.resume=auto) from step 1 and must
-                  repeat `fsdp`'s steps 2-4 bit for bit
-    one_process   fsdp in one process without a launcher, saving at step 2 (resume 1 -> 2)
+                  checkpointing on 2 ranks, resuming one_process's step-2 checkpoint (1 -> 2 ranks):
+                  parity of steps 3-4, and where the optimizer state lives
+    hsdp          4 ranks on a 2 x 2 mesh (dist.fsdp_replicate=2): parity and initial weights, the mesh
+    killed        SIGKILL to every process in the middle of the step-3 save: no usable-looking checkpoint is
+                  left; the same run directory then resumes on 2 ranks (checkpoint.resume=auto) from step 2
+                  and must repeat fsdp's steps 3-4 bit for bit
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ STEPS = 4
 SCENARIOS = {
     # name: (ranks, overrides)
     "fsdp": (2, {"checkpoint.every": 2}),
-    "fsdp_zero2": (2, {"dist.reshard_after_forward": False, "dist.offload": "cpu", "dist.fsdp_grad_sync": "step",
-                       "model.gradient_checkpointing": True}),
     "hsdp": (4, {"dist.fsdp_replicate": 2, "train.micro_batch": 1}),
 }
+ZERO2_LIKE = {"dist.reshard_after_forward": False, "dist.offload": "cpu", "dist.fsdp_grad_sync": "step",
+              "model.gradient_checkpointing": True}
 
 
 def split_overrides(corpus: Path, micro: int, accum: int, **extra) -> dict:
@@ -205,19 +206,6 @@ def test_checkpoint_is_dcp_and_final_is_its_full_model(runs, single, tmp_path):
         assert not torch.allclose(exported(input_ids=ids).logits, final(input_ids=ids).logits)  # step 2, not 4
 
 
-def test_offload_keeps_the_optimizer_state_on_the_cpu(runs):
-    """dist.offload=cpu: FSDP's CPUOffloadPolicy keeps parameter shards, gradients and the Adam moments in host
-    memory (on a GPU machine the device then holds only the gathered weights of the running block; this
-    CPU-only test checks the bookkeeping and the device of every state tensor; tests/gpu checks cuda vs cpu)."""
-    row = memory_row(runs("fsdp_zero2"))
-    assert row["planned"]["offloaded"] == ["params", "grads", "optimizer"]
-    for rank in row["measured"]:
-        assert rank["optimizer_device"] == rank["params_device"] == "cpu"
-        assert rank["grads"] == pytest.approx(row["planned"]["grads"], rel=0.01)  # the shards, at the update
-    # fsdp_grad_sync=step: full-size gradients accumulate until the step's one reduce-scatter
-    assert row["planned"]["grads_during_accumulation"] == pytest.approx(2 * row["planned"]["grads"], rel=0.01)
-
-
 def test_hsdp_mesh_is_recorded(runs):
     run_dir = runs("hsdp")
     layout = json.loads((run_dir / "checkpoints" / f"step-{STEPS:06d}" / "fsdp" / "layout.json").read_text())
@@ -240,29 +228,10 @@ def _resumed_matches(resumed: Path, reference: Path, first: int) -> None:
     assert state["sample_index"] == STEPS * 8
 
 
-def test_resume_on_the_same_world_size_is_bitwise(runs, root, corpus):
-    uninterrupted = runs("fsdp")
-    resumed = root / "fsdp_resumed"
-    check(torchrun(2, fsdp_args(resumed, corpus, **{"checkpoint.resume": uninterrupted / "checkpoints" / "step-000002"})))
-    later = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(resumed) if "loss" in r]
-    reference = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(uninterrupted) if "loss" in r and r["step"] > 2]
-    assert later == reference  # bitwise: same shards, same optimizer state, same data position
-    w, rw = final_weights(resumed), final_weights(uninterrupted)
-    assert all(torch.equal(w[k], rw[k]) for k in rw)
-
-
 def test_two_ranks_resume_on_one(runs, single, root, corpus):
     """World 2 -> 1: DCP maps the two ranks' chunks onto one process's shards, Adam moments included."""
-    from engine.trainer import Trainer
-
-    resumed = root / "fsdp_two_to_one"
-    cfg = tiny_config(resumed, **split_overrides(corpus, 2, 4, **{
+    resumed = _train_in_process(root / "fsdp_two_to_one", **split_overrides(corpus, 2, 4, **{
         "dist.backend": "fsdp", "checkpoint.resume": str(runs("fsdp") / "checkpoints" / "step-000002")}))
-    trainer = Trainer(cfg, progress=False)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
     _resumed_matches(resumed, runs("fsdp"), first=3)
     _resumed_matches(resumed, single, first=3)
 
@@ -274,26 +243,48 @@ def one_process(root, corpus) -> Path:
         corpus, 2, 4, **{"dist.backend": "fsdp", "checkpoint.every": 2}))
 
 
-def test_one_process_matches_and_resumes_on_two_ranks(one_process, single, root, corpus):
-    assert_same_run(one_process, single)
-    resumed = root / "fsdp_one_to_two"
-    proc = check(torchrun(2, fsdp_args(resumed, corpus, **{
-        "checkpoint.resume": one_process / "checkpoints" / "step-000002"})))
+@pytest.fixture(scope="module")
+def zero2_like(root, corpus, one_process) -> Path:
+    run_dir = root / "fsdp_zero2"
+    proc = check(torchrun(2, fsdp_args(run_dir, corpus, **ZERO2_LIKE, **{
+        "checkpoint.resume": one_process / "checkpoints" / "step-000002"}), timeout=600))
     assert "resuming a checkpoint written by 1 rank(s) on 2" in proc.stdout
-    _resumed_matches(resumed, one_process, first=3)
-    _resumed_matches(resumed, single, first=3)
+    return run_dir
 
 
-def test_kill_9_mid_save_leaves_no_usable_checkpoint_and_nan_steps_are_skipped(root, corpus, tmp_path):
-    """Rank 1's loss is NaN at step 2 (both ranks skip that update: the NaN reaches every shard through the
-    reduce-scatter); step 3's save is stopped after the ranks wrote their DCP files and before COMPLETE, and
-    every process gets SIGKILL. What is left must never be taken for a checkpoint."""
+def test_one_process_and_reshard_false_offload_step_sync_on_two_ranks_after_it(one_process, zero2_like, single, zero3):
+    """One process matches from the first step; its step-2 checkpoint resumes on 2 ranks that keep the gathered
+    weights to backward, offload everything to the CPU, reduce-scatter once per step and recompute each block,
+    and steps 3-4 still match one process and ZeRO-3."""
+    assert_same_run(one_process, single)
+    for ref in (single, zero3, one_process):
+        _resumed_matches(zero2_like, ref, first=3)
+    assert grad_norms(zero2_like) == pytest.approx(grad_norms(single)[2:], rel=NORM_RTOL)
+
+
+def test_offload_keeps_the_optimizer_state_on_the_cpu(zero2_like):
+    """dist.offload=cpu: FSDP's CPUOffloadPolicy keeps parameter shards, gradients and the Adam moments in host
+    memory (on a GPU machine the device then holds only the gathered weights of the running block; this
+    CPU-only test checks the bookkeeping and the device of every state tensor; tests/gpu checks cuda vs cpu)."""
+    row = memory_row(zero2_like)
+    assert row["planned"]["offloaded"] == ["params", "grads", "optimizer"]
+    for rank in row["measured"]:
+        assert rank["optimizer_device"] == rank["params_device"] == "cpu"
+        assert rank["grads"] == pytest.approx(row["planned"]["grads"], rel=0.01)  # the shards, at the update
+    # fsdp_grad_sync=step: full-size gradients accumulate until the step's one reduce-scatter
+    assert row["planned"]["grads_during_accumulation"] == pytest.approx(2 * row["planned"]["grads"], rel=0.01)
+
+
+def test_kill_9_mid_save_leaves_no_usable_checkpoint_and_resume_is_bitwise(runs, root, corpus, tmp_path):
+    """Step 3's save is stopped after the ranks wrote their DCP files and before COMPLETE, and every process
+    gets SIGKILL. What is left must never be taken for a checkpoint; the run then resumes from step 2 on the
+    same 2 ranks and repeats the uninterrupted run's steps 3-4 bit for bit (same shards, same optimizer state,
+    same data position)."""
     from engine import checkpoint
-    from engine.backends.fsdp import full_state_from_checkpoint
 
     run_dir = root / "fsdp_killed"
     job = Watched(torchrun_cmd(2, fsdp_args(run_dir, corpus, **{"checkpoint.every": 1, "checkpoint.keep": 5})),
-                  FTL_FAULT_INJECT="nan@step=2,rank=1;hang_save@step=3,rank=0")
+                  FTL_FAULT_INJECT="hang_save@step=3,rank=0")
     try:
         job.wait_for(r"FTL_FAULT hang_save rank 0 step 3", timeout=400)
         time.sleep(1)  # rank 1 reaches the barrier that waits for rank 0
@@ -310,29 +301,13 @@ def test_kill_9_mid_save_leaves_no_usable_checkpoint_and_nan_steps_are_skipped(r
     proc = run_ftl(["export", torn, "--out", tmp_path / "out"])
     assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
-    # the NaN step: skipped on both ranks, weights and Adam state untouched, counted in the log
-    w1, w2 = (full_state_from_checkpoint(ckpts / f"step-00000{s}") for s in (1, 2))
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    o1, o2 = (_optimizer_state(ckpts / f"step-00000{s}") for s in (1, 2))
-    assert o1.keys() == o2.keys() and len(o1) > 0 and all(torch.equal(o1[k], o2[k]) for k in o1)
-    rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
-    assert rows[2]["skipped_steps"] == 1 and "skipped_steps" not in rows[1]
-    # and the run continues from the newest complete checkpoint, here on one rank
-    resumed = _train_in_process(run_dir, **split_overrides(corpus, 2, 4, **{"dist.backend": "fsdp"}))
+
+    proc = check(torchrun(2, fsdp_args(run_dir, corpus)))  # checkpoint.resume=auto
+    assert f"resumed from {ckpts / 'step-000002'} at step 2" in proc.stdout + proc.stderr
     assert not torn.exists()  # the next save cleared the torn directory
-    assert sorted(r["step"] for r in read_metrics(resumed) if "loss" in r) == [1, 2, 3, 4]
-
-
-def _optimizer_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The Adam moments and step counts of an fsdp checkpoint, read offline."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from engine.backends.fsdp import SafeLoadPlanner, SafeReader
-
-    reader = SafeReader(str(ckpt / "fsdp"))
-    md = reader.read_metadata().state_dict_metadata
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items()
-             if k.startswith("optim.state.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
-    return state
+    uninterrupted = runs("fsdp")
+    later = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir) if "loss" in r and r["step"] > 2]
+    reference = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(uninterrupted) if "loss" in r and r["step"] > 2]
+    assert later == reference
+    w, rw = final_weights(run_dir), final_weights(uninterrupted)
+    assert all(torch.equal(w[k], rw[k]) for k in rw)

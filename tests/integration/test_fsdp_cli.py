@@ -160,3 +160,40 @@ def test_large_exports_are_sharded_safetensors_with_an_index(tmp_path, monkeypat
     assert len(set(index["weight_map"].values())) > 1
     reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.equal(reloaded[k], v) for k, v in hf.state_dict().items())
+
+
+def test_a_non_finite_step_is_skipped_weights_and_moments_untouched(tmp_path, monkeypatch):
+    """The loss of step 2 is NaN: the update is skipped (the gradient norm of the shards is NaN, the optimizer
+    is not stepped), the weights and Adam state saved at steps 1 and 2 are identical, the log counts it, and
+    training goes on."""
+    from engine.backends.fsdp import full_state_from_checkpoint
+
+    monkeypatch.setenv("FTL_FAULT_INJECT", "nan@step=2")
+    run, _ = _train(tmp_path / "nan", **{"dist.backend": "fsdp", "checkpoint.every": 1, "checkpoint.keep": 5})
+    ckpt = {s: run / "checkpoints" / f"step-00000{s}" for s in (1, 2, 3)}
+    w = {s: full_state_from_checkpoint(p) for s, p in ckpt.items()}
+    assert all(torch.equal(w[1][k], w[2][k]) for k in w[1])
+    assert not torch.equal(w[2]["transformer.wte.weight"], w[3]["transformer.wte.weight"])  # trains on
+    o1, o2 = _optimizer_state(ckpt[1]), _optimizer_state(ckpt[2])
+    assert o1.keys() == o2.keys() and len(o1) > 0 and all(torch.equal(o1[k], o2[k]) for k in o1)
+    rows = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    assert rows[2]["skipped_steps"] == 1 and "skipped_steps" not in rows[3]
+
+
+def _optimizer_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The Adam moments and step counts of an fsdp checkpoint, read offline."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from engine.backends.fsdp import SafeLoadPlanner, SafeReader
+
+    reader = SafeReader(str(ckpt / "fsdp"))
+    md = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items()
+             if k.startswith("optim.state.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled": one process, on purpose
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
+    return state
