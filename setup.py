@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+# The transformers ranges (training vs loading an export) live in engine/compat.py, read here without
+# importing the engine (it needs torch).
+compat: dict = {"__name__": "engine.compat"}
+exec(open("engine/compat.py", encoding="utf-8").read(), compat)
+
 setup(
     name="ftl-engine",
     version="0.1.0",
@@ -12,7 +17,7 @@ setup(
     # (pip install torch==2.13.0), GPU machines keep the CUDA build they already have.
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.46",
+        compat["TRANSFORMERS_TRAIN"],  # exports load with compat["TRANSFORMERS_EXPORT"] (a wider range)
         "deepspeed>=0.15",
         "datasets>=3.0",
         "tokenizers>=0.20",
@@ -33,8 +38,13 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13"],
+        # the test suite exercises the trackers for real (MLflow's SQLite store, W&B offline)
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "mlflow-skinny>=2.16", "sqlalchemy>=2.0",
+                 "alembic>=1.13", "wandb>=0.19"],
         "lora": ["peft>=0.13"],  # model.lora_rank
+        # run.report_to: mlflow (the client, and what its default SQLite store needs), wandb
+        "mlflow": ["mlflow-skinny>=2.16", "sqlalchemy>=2.0", "alembic>=1.13"],
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={"console_scripts": ["ftl=engine.cli:main"]},
     # `ftl slurm` fills these templates; a non-editable install finds them under <prefix>/share.

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import dist, fastpath, fault
+from engine import compat, dist, fastpath, fault
 
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
@@ -249,7 +249,7 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
-    tokenizer.save_pretrained(tmp)
+    compat.save_tokenizer(tokenizer, tmp, cfg.n_positions)  # loadable by every transformers >= 4.57
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

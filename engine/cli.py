@@ -114,7 +114,8 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
 
     problems: list[str] = []
     try:
-        load_config(config, overrides)  # fail here, once, rather than in every rank
+        cfg = load_config(config, overrides)  # fail here, once, rather than in every rank
+        _warn_launcher_backend(launcher, cfg)
     except UsageError as e:
         problems += e.problems
     train_args = ([config] if config else []) + [a for o in overrides for a in ("--set", o)]
@@ -129,11 +130,22 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
     sys.exit(launch_lib.run(plan))
 
 
+def _warn_launcher_backend(launcher: str, cfg) -> None:
+    """The deepspeed launcher only starts processes; what trains is dist.backend. DDP under it works (a hostfile
+    launch without torchrun's rendezvous), so this is a warning, not a refusal, but rarely what was meant."""
+    if launcher == "deepspeed" and cfg.dist.backend != "deepspeed":
+        click.echo(f"warning: --launcher deepspeed only starts the ranks; dist.backend={cfg.dist.backend} trains with "
+                   f"{cfg.dist.backend.upper()}, not DeepSpeed ZeRO. For ZeRO add --set dist.backend=deepspeed (and "
+                   f"dist.zero_stage=N); for {cfg.dist.backend.upper()} the usual launcher is --launcher torchrun.",
+                   err=True)
+
+
 # ------------------------------------------------------------------------------------------- eval
 
 @cli.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", "source", required=True, help="Data source (same forms as data.source).")
+@click.option("--data", "source", default=None,
+              help="Data source (same forms as data.source); default: the run's own (its config.yaml's data.source).")
 @click.option("--split", type=click.Choice(["validation", "train"]), default="validation", show_default=True,
               help="Split to evaluate (a source without one is split by data.val_fraction).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per sample (default: the run's).")
@@ -210,9 +222,12 @@ def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, te
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the model to.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "onnx", "torchscript"]), default="hf", show_default=True,
-              help="hf: safetensors + tokenizer + generation config; onnx: model.onnx (checked with onnxruntime); "
-                   "torchscript: model.pt. Each is checked against PyTorch logits before --out appears.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "onnx", "onnx-kv", "torchscript"]), default="hf",
+              show_default=True,
+              help="hf: safetensors + tokenizer + generation config; onnx: model.onnx, (input_ids, attention_mask) -> "
+                   "logits (checked with onnxruntime); onnx-kv: language models, model.onnx with a KV cache "
+                   "(past_key_values.<i>.key/value in, present.<i>.key/value out) for generation, checked against "
+                   "transformers' generate; torchscript: model.pt. Each is checked before --out appears.")
 def export(checkpoint_dir, out, fmt):
     """Export a checkpoint, a run (its newest checkpoint) or a model directory (a run's final/).
 
@@ -348,9 +363,11 @@ def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out
             click.echo(f"{t.name}  {' '.join(t.overrides()) or '(base config)'}")
         click.echo(f"{len(plan.trials)} trial(s) -> {out_dir}", err=True)
         return
+    _quiet_libraries()
+    if not slurm:  # the trials' shared data and tokenizer, before trial 0 and before anything is written
+        sweep_lib.preflight(plan)
     if slurm:
         sweep_lib.slurm_preflight(plan, out_dir, list(sbatch_args))
-    _quiet_libraries()
     fresh = not out_dir.exists()
     sweep_lib.write_plan(plan, out_dir)
     log = lambda line: click.echo(line, err=True)
@@ -472,6 +489,7 @@ def slurm(config, overrides, nodes, gpus_per_node, nproc_per_node, cpus_per_task
     cfg = None
     try:
         cfg = load_config(config, overrides)
+        _warn_launcher_backend(launcher, cfg)
     except UsageError as e:
         problems += e.problems
     job = slurm_lib.SlurmJob(config, list(overrides), nodes, gpus_per_node, nproc_per_node, cpus_per_task, partition,

@@ -45,6 +45,19 @@ def within(key: str, value: float, lo: float, hi: float, hi_open: bool = False) 
     return [f"{key} must be within [{lo}, {hi}{')' if hi_open else ']'} (got {value})"]
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("gpt2", "org/name"): absolute, relative with ./ or ~, or holding
+    more than one "/" (a hub id holds at most one)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def missing_dir(key: str, value: str, what: str) -> list[str]:
+    """A path-like value that names no directory: say so (a hub lookup would only report a bad repo id)."""
+    if value and looks_like_path(value) and not Path(value).expanduser().is_dir():
+        return [f"{key}: the directory {value!r} does not exist ({what})"]
+    return []
+
+
 # Each section validates its own keys in `problems(cfg)` (cfg: the whole Config, for cross-section rules).
 
 
@@ -53,6 +66,18 @@ class RunConfig:
     name: str = opt("default", "Name of the run; the run directory defaults to runs/<name>.")
     dir: str = opt("", "Run directory (metrics, TensorBoard, checkpoints, final/). Empty: runs/<name>.")
     seed: int = opt(1234, "Seed for model init, data order and dropout; every rank derives its own streams from it.")
+    report_to: list[str] = opt(
+        ["tensorboard"],
+        "Where rank 0 reports metrics besides metrics.jsonl, any of: tensorboard (<run dir>/tb), mlflow "
+        "(MLFLOW_TRACKING_URI, else <run dir>/mlruns; needs pip install 'ftl-engine[mlflow]'), wandb (WANDB_MODE="
+        "offline works without an account; needs pip install 'ftl-engine[wandb]'). Same names and steps as "
+        "metrics.jsonl; a resumed run continues the same tracker run.",
+    )
+
+    def problems(self, cfg: "Config") -> list[str]:
+        from engine import tracking
+
+        return tracking.problems(self.report_to)
 
 
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -106,6 +131,7 @@ class ModelConfig:
         if self.head == "lm" and self.num_labels:
             p.append("model.num_labels is only used with model.head=cls; remove it or set model.head=cls")
         p += positive("model.max_positions", self.max_positions, True)
+        p += missing_dir("model.name", self.name, "give a preset, a Hugging Face model directory or a hub id such as gpt2")
         if self.max_positions and cfg.data.seq_len > self.max_positions:
             p.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_positions={self.max_positions}; "
                      f"raise model.max_positions or lower data.seq_len")
@@ -145,8 +171,11 @@ class ModelConfig:
 class DataConfig:
     source: str = opt(
         "builtin:pydoc",
-        "builtin:pydoc | builtin:stdlib, local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed), "
-        "or a hub dataset name (name or name:config).",
+        "A builtin (offline, shipped with Python): builtin:pydoc (the text of Python's documentation topics; LM), "
+        "builtin:stdlib (the standard library's source; LM), builtin:stdlib_packages (snippets of the standard "
+        "library's source labelled with their package, ~26 imbalanced classes, own train/validation splits; "
+        "head=cls); local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed); or a hub dataset name (name or "
+        "name:config).",
     )
     text_column: str = opt("text", "Column holding the text.")
     label_column: str = opt("label", "Column holding the class label (head=cls).")
@@ -179,6 +208,8 @@ class DataConfig:
             p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {self.tokenizer_vocab})")
         if not self.source.strip():
             p.append("data.source is empty: name a builtin:<name>, a file or a hub dataset")
+        p += missing_dir("data.tokenizer", self.tokenizer, "give a tokenizer directory, e.g. a run's tokenizer/ or "
+                                                           "final/, or a hub id such as gpt2")
         if self.balanced_sampling and cfg.model.head != "cls":
             p.append("data.balanced_sampling needs model.head=cls (it balances classes)")
         if any(not t.strip() for t in self.add_tokens) or len(set(self.add_tokens)) != len(self.add_tokens):
@@ -190,7 +221,12 @@ class DataConfig:
 class TrainConfig:
     micro_batch: int = opt(16, "Samples per rank per forward/backward.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step on each rank.")
-    max_steps: int = opt(300, "Optimizer steps to train.")
+    max_steps: int = opt(300, "Optimizer steps to train (or set train.epochs instead).")
+    epochs: float = opt(0.0, "Passes over the training samples (after packing/windowing), instead of train.max_steps "
+                             "(set at most one of them; fractions allowed). Resolved once, at the start of the run, "
+                             "to max_steps = ceil(epochs x samples / global batch), which config.yaml and the "
+                             "checkpoints record, so a resume on another number of ranks keeps the same total. "
+                             "0: train.max_steps.")
     log_every: int = opt(10, "Write metrics every N steps.")
     eval_every: int = opt(100, "Evaluate every N steps (0: only before and after training).")
     eval_batches: int = opt(0, "Cap on eval micro-batches per rank (0: the whole validation split).")
@@ -210,7 +246,8 @@ class TrainConfig:
 
     def problems(self, cfg: "Config") -> list[str]:
         return (positive("train.micro_batch", self.micro_batch) + positive("train.grad_accum", self.grad_accum)
-                + positive("train.max_steps", self.max_steps) + positive("train.log_every", self.log_every)
+                + positive("train.max_steps", self.max_steps) + positive("train.epochs", self.epochs, True)
+                + positive("train.log_every", self.log_every)
                 + positive("train.eval_every", self.eval_every, True) + positive("train.eval_batches", self.eval_batches, True)
                 + positive("train.clip_grad", self.clip_grad, True) + positive("train.sample_tokens", self.sample_tokens, True)
                 + positive("train.stop_at_step", self.stop_at_step, True)
@@ -641,6 +678,10 @@ def from_dict(data: dict) -> tuple[Config, list[str]]:
             except ValueError as e:
                 problems.append(str(e))
         kwargs[sname] = stype(**values)
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if train.get("epochs") not in (None, 0, 0.0, "0", "") and "max_steps" in train:
+        problems.append(f"train.epochs={train['epochs']} and train.max_steps={train['max_steps']} are both set; "
+                        f"set one of them (epochs resolve to steps at the start of the run)")
     return Config(**kwargs), problems
 
 
@@ -656,5 +697,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def dump_resolved(cfg: Config, path: Path) -> None:
-    path.write_text(cfg.to_yaml(), encoding="utf-8")
+def dump_resolved(cfg: Config, path: Path, header: str = "") -> None:
+    """config.yaml: the config the run used, every value resolved (`header`: comment lines on top)."""
+    path.write_text(header + cfg.to_yaml(), encoding="utf-8")

@@ -3,6 +3,7 @@
 Sources (`data.source`), all read through Hugging Face `datasets`:
   builtin:pydoc   the English text of Python's own documentation topics (pydoc_data.topics; ~0.5 MB)
   builtin:stdlib  the source of the Python standard library (~30 MB)
+  builtin:stdlib_packages  standard-library snippets labelled with their package (classification; engine/tasks.py)
   local files     .txt (paragraphs) / .jsonl / .json / .csv / .parquet, globs allowed
   hub datasets    `name` or `name:config` (downloaded by datasets; never in tests or the default job)
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from engine import dist
-from engine.config import DataConfig
+from engine.config import DataConfig, looks_like_path
 from engine.errors import UsageError
 from engine.losses import IGNORE
 from engine.windows import WindowSpec, cls_eval_batch, cls_windows, lm_windows
@@ -178,10 +179,14 @@ def _check_columns(dd, cfg: DataConfig, need_label: bool) -> None:
 def load_tokenizer(path_or_id: str):
     from transformers import AutoTokenizer
 
+    local = os.path.isdir(os.path.expanduser(path_or_id))
+    if looks_like_path(path_or_id) and not local:
+        raise UsageError(f"tokenizer directory {path_or_id!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(path_or_id)
     except (OSError, ValueError) as e:
-        raise UsageError(f"tokenizer {path_or_id!r} cannot be loaded: {e}".strip()) from None
+        where = "" if local else "there is no directory of that name, and as a hub id: "
+        raise UsageError(f"tokenizer {path_or_id!r} cannot be loaded: {where}{e}".strip()) from None
     return ensure_pad(tok)
 
 

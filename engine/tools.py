@@ -62,6 +62,11 @@ def evaluate_model_report(path: Path, source: str, split: str, seq_len: int | No
     env = dist.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     hf, tok, head = load_model(model_dir, env.device)
     d = run_cfg.get("data", {})
+    if not source:  # the data the run trained on: its validation split is the run's own held-out data
+        if not d.get("source"):
+            raise UsageError(f"--data is needed: {path} is a model directory without the run's config.yaml, so the "
+                             f"data it was trained on is unknown (give --data SOURCE)")
+        source = d["source"]
     dcfg = DataConfig(source=source, text_column=text_column or d.get("text_column", "text"),
                       label_column=label_column or d.get("label_column", "label"),
                       seq_len=seq_len or d.get("seq_len", min(1024, hf.config.n_positions)),

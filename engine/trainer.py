@@ -12,8 +12,11 @@ Nothing in the loop reads a device value back except at log steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +39,29 @@ class Trainer:
         self.cfg = cfg
         self.env = env or dist.init(cfg.train.device, cfg.dist.timeout_s)
         self.run_dir = cfg.run_dir
-        self.log = print if self.env.is_main else (lambda *a, **k: None)
+        # Every log line of a run goes to stderr (the progress bar's stream too), rank 0 only: stdout stays free
+        # for what a command returns (a sweep's table, `ftl eval --json`).
+        self.log = _log_line if self.env.is_main else (lambda *a, **k: None)
         fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
 
         # 1. Decide whether to resume (before anything is written) and validate data + model.
         self.resume_from = self._resume_target()
         self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from else None
+        self.epoch_plan = self._saved_epoch_plan()  # train.epochs already resolved by this run's checkpoint
         if self.resume_state is not None:  # config drift: errors now, warnings logged
-            resume.check_config(self.resume_from, self.resume_state, cfg, self.env.world_size,
+            resume.check_config(self.resume_from, self.resume_state, self._drift_view(), self.env.world_size,
                                 self.log if self.env.is_main else (lambda line: None))
         self.source = model_lib.resolve(cfg.model)
         self.data = self._prepare_data()
         self._check_shapes()
+        if cfg.train.epochs:
+            self._resolve_epochs()
+        if cfg.optim.warmup_steps > cfg.train.max_steps:
+            peak = optim.lr_at(cfg.train.max_steps - 1, cfg.optim, cfg.train.max_steps)
+            self.log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
+                     f"(train.max_steps={cfg.train.max_steps}): the learning rate never reaches optim.lr={cfg.optim.lr:g} "
+                     f"(it ends at {peak:.3g}); lower optim.warmup_steps")
 
         # 2. Build the model: identical init on every rank, then per-rank RNG streams for dropout.
         seed_everything(cfg.run.seed)
@@ -83,7 +96,7 @@ class Trainer:
         # 3. Everything checked: create the run directory (rank 0) and restore state.
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_resolved(cfg, self.run_dir / "config.yaml")
+            dump_resolved(cfg, self.run_dir / "config.yaml", self._epochs_note())
             self.data.tokenizer.save_pretrained(self.run_dir / "tokenizer")
         dist.barrier()
         self.layout = data.Layout(self.env.world_size, self.env.rank, cfg.train.micro_batch, cfg.train.grad_accum)
@@ -106,7 +119,8 @@ class Trainer:
         self.windows = (evaluation.window_dataset(self.raw["validation"], self.data.tokenizer, cfg.data.text_column,
                                                   cfg.data.seq_len, cfg.eval.stride)
                         if cfg.eval.stride and len(self.raw["validation"]) else None)
-        self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress)
+        self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress,
+                                       cfg.run.report_to, cfg.to_dict())
         fpt = metrics.model_flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
         self.throughput = metrics.Throughput(fpt, metrics.peak_flops(self.env.device), self.env.world_size)
 
@@ -122,6 +136,49 @@ class Trainer:
                                  f"(it needs {checkpoint.STATE} and {checkpoint.COMPLETE})")
             return path
         return checkpoint.find_latest(self.run_dir / "checkpoints")
+
+    def _saved_epoch_plan(self) -> dict | None:
+        """train.epochs as the checkpoint resolved it: with the same epochs its step count stands (whatever the
+        number of ranks now), so a resume never changes the schedule's length."""
+        cfg, saved = self.cfg, (self.resume_state or {}).get("epochs")
+        if cfg.train.epochs and saved and saved.get("epochs") == cfg.train.epochs:
+            cfg.train.max_steps, cfg.train.epochs = int(saved["max_steps"]), 0.0
+            return saved
+        return None
+
+    def _drift_view(self) -> Config:
+        """The config the drift check compares: train.epochs still unresolved counts as the checkpoint's steps
+        (it is resolved, and announced, once the data is known)."""
+        if not self.cfg.train.epochs:
+            return self.cfg
+        saved_steps = (self.resume_state or {}).get("config", {}).get("train", {}).get("max_steps", 0)
+        view = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, epochs=0.0,
+                                                                       max_steps=saved_steps or self.cfg.train.max_steps))
+        return view
+
+    def _resolve_epochs(self) -> None:
+        """train.epochs -> train.max_steps, once: epochs x training samples (after packing/windowing), in
+        global batches of this run, counted on from the checkpoint's sample position when resuming with
+        other epochs than it had."""
+        cfg, lay = self.cfg, self.cfg.train
+        samples = len(self.data.train)
+        global_batch = self.env.world_size * lay.micro_batch * lay.grad_accum
+        done_steps = int((self.resume_state or {}).get("step", 0))
+        done_samples = int((self.resume_state or {}).get("sample_index", 0))
+        steps = done_steps + max(0, math.ceil((lay.epochs * samples - done_samples) / global_batch))
+        steps = max(steps, 1)
+        self.epoch_plan = {"epochs": lay.epochs, "max_steps": steps, "train_samples": samples,
+                           "global_batch": global_batch}
+        self.log(f"train.epochs={lay.epochs:g}: {steps} steps (ceil({lay.epochs:g} x {samples} training samples / "
+                 f"global batch {global_batch})" + (f", continuing from step {done_steps}" if done_steps else "") + ")")
+        cfg.train.max_steps, cfg.train.epochs = steps, 0.0
+
+    def _epochs_note(self) -> str:
+        p = self.epoch_plan
+        if not p:
+            return ""
+        return (f"# train.epochs={p['epochs']:g} resolved to train.max_steps={p['max_steps']}: {p['train_samples']} "
+                f"training samples, global batch {p['global_batch']}\n")
 
     def _prepare_data(self) -> data.Prepared:
         """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
@@ -199,13 +256,13 @@ class Trainer:
                     f"{self.best.best_step}): {self.run_dir.resolve()}")
             m.close()
             return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
+        m.print(self._banner())  # what runs, before anything it computes (the first eval included)
+        m.print(memory.planned_line(self.backend))
         if self.step == 0:
             before = self.evaluate()
             m.log(0, before)
             m.print(f"eval before training: {_fmt(before)}")
             self.track_best(before)
-        m.print(self._banner())
-        m.print(memory.planned_line(self.backend))
         memory_logged = False
         window_loss = torch.zeros(2, device=self.env.device)  # [summed loss, targets] since the last log
         window_tokens = torch.zeros((), device=self.env.device)
@@ -234,7 +291,8 @@ class Trainer:
                 (loss_total, targets), tok = window_loss.tolist(), float(window_tokens)
                 self.tokens_seen += tok
                 row = {"loss": loss_total / max(targets, 1.0), "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": self.tokens_seen, **self.fault.log_fields(), **self.throughput.read(tok)}
+                       "tokens": self.tokens_seen, "epoch": round(self.sample_index / len(self.data.train), 6),
+                       **self.fault.log_fields(), **self.throughput.read(tok)}
                 m.log(self.step, row)
                 m.print(f"step {self.step}/{cfg.train.max_steps} | " + _fmt(row))
                 window_loss.zero_(), window_tokens.zero_()
@@ -315,7 +373,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
         return {"tokens": self.tokens_seen, "sample_index": self.sample_index,
-                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict(),
+                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict(), "epochs": self.epoch_plan,
                 "best": self.best.state(), "base_fingerprint": self.base_fingerprint}
 
     def save_checkpoint(self) -> Path:
@@ -406,7 +464,7 @@ class Trainer:
 
     def close(self) -> None:
         self.fault.close()
-        self.metrics.close()
+        self.metrics.close(finished=False)  # a no-op after finish()/stop_early(); else the attempt stopped short
         self.batches.close()
         self.backend.close()
 
@@ -420,6 +478,10 @@ class Trainer:
 
 
 evaluate = evaluation.evaluate  # the module-level eval, shared with `ftl eval`
+
+
+def _log_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _fmt(row: dict) -> str:

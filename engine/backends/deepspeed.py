@@ -130,7 +130,8 @@ class DeepSpeedBackend(Backend):
                 resolved.ds.setdefault("zero_force_ds_cpu_optimizer", False)
             self._ds = resolved.ds
             if self.env.is_main:
-                print(f"deepspeed config ({resolved.source}): {json.dumps(self._ds, sort_keys=True)}", flush=True)
+                print(f"deepspeed config ({resolved.source}): {json.dumps(self._ds, sort_keys=True)}", file=sys.stderr,
+                      flush=True)
         return self._ds
 
     def _hidden_size(self) -> int | None:

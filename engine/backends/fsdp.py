@@ -374,7 +374,7 @@ class FSDPBackend(Backend):
         dcp.load(state, storage_reader=SafeReader(str(root)), planner=SafeLoadPlanner())
         options = StateDictOptions(strict=self.saves_frozen)
         set_model_state_dict(self._module, state["model"], options=options)
-        if started:
+        if started:  # (DCP loaded the moments in place already; this also restores each group's hyperparameters)
             set_optimizer_state_dict(self._module, self.optimizer, state["optim"], options=options)
         if self.scaler and (root / SCALER).is_file():
             self.scaler.load_state_dict(torch.load(root / SCALER, weights_only=True))
