@@ -38,9 +38,10 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        # the test suite exercises the trackers for real (MLflow's SQLite store, W&B offline)
+        # the test suite exercises the trackers for real (MLflow's SQLite store, W&B offline) and drives
+        # `ftl serve`'s OpenAI-compatible endpoints with the official openai client
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "mlflow-skinny>=2.16", "sqlalchemy>=2.0",
-                 "alembic>=1.13", "wandb>=0.19"],
+                 "alembic>=1.13", "wandb>=0.19", "openai>=1.40"],
         "lora": ["peft>=0.13"],  # model.lora_rank
         # run.report_to: mlflow (the client, and what its default SQLite store needs), wandb
         "mlflow": ["mlflow-skinny>=2.16", "sqlalchemy>=2.0", "alembic>=1.13"],

@@ -38,6 +38,14 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
 
 5. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
    GPU that supports it (fp32 elsewhere).
+
+6. Packed examples (prompt_completion/chat with data.pack=true, text with data.isolate_documents): the
+   causal body above assumes positions 0..T-1 and plain causal attention, which would let an example
+   see the ones packed before it. Such batches carry `position_ids` (restarting at 0 per example) and
+   `document_ids`; `causal_body` then embeds those positions and gives every block the block-diagonal
+   causal mask of `document_mask` (SDPA with a boolean mask: the memory-efficient kernel on GPU, not
+   flash). The transformers path gets the same mask as a prepared 4D mask. Invariant 6 (a packed row's
+   per-token losses and gradients equal its examples run alone) is tested with these default settings.
 """
 
 from __future__ import annotations
@@ -175,16 +183,35 @@ def fuse_gelu(model: nn.Module) -> int:
     return swapped
 
 
-def causal_body(transformer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def causal_body(transformer: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """GPT2Model's forward for unpadded causal batches, without its mask building (see point 3 above).
 
     Same modules in the same order: token + position embedding, dropout, blocks (each checkpointed
-    by transformers when gradient checkpointing is on), final LayerNorm."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    by transformers when gradient checkpointing is on), final LayerNorm.
+
+    Packed rows (point 6) pass `position_ids` (restarting at 0 for every example) and `document_ids`:
+    the blocks then get the block-diagonal causal mask instead of is_causal."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None] if position_ids is None else position_ids
+    mask = None if document_ids is None else document_mask(document_ids)
     hidden = transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
     for block in transformer.h:
-        hidden = block(hidden)
+        hidden = block(hidden) if mask is None else block(hidden, attention_mask=mask)
     return transformer.ln_f(hidden)
+
+
+def document_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[batch, 1, T, T] attention mask of packed rows: position q sees position k iff k <= q and both belong
+    to the same document (block-diagonal causal). Boolean (True: attend) for SDPA; with `dtype`, the
+    additive form (0 / dtype's minimum) that eager attention adds to its scores. The diagonal is always
+    allowed, so no row is fully masked (which would give NaN)."""
+    t = document_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def can_use_causal_body(hf_model: nn.Module, perf) -> bool:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -183,12 +184,20 @@ class Trainer:
     def _prepare_data(self) -> data.Prepared:
         """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
         cfg = self.cfg
-        problem, prepared = None, None
+        problem, prepared, raw = None, None, None
         try:
             raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
+        except UsageError as e:
+            problem = e
+        # Reading can fail on one rank only (a file one node cannot see). The steps below hold collectives (the
+        # tokenizer's broadcast, the tokenization cache's barriers), so the ranks agree right here: otherwise the
+        # failed rank waits in the agreement below while the others wait in a barrier, until the timeout.
+        self._raise_if_any_rank_failed(problem)
+        try:
             tokenizer = self._tokenizer(raw)
             transfer.add_tokens(tokenizer, cfg.data.add_tokens)
-            prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels)
+            prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels,
+                                    prompts=cfg.eval.generations)
             problems = []
             if cfg.model.head == "cls":
                 prepared.class_weights, problems = losses.class_weights(cfg.loss, prepared.label_counts())
@@ -201,10 +210,14 @@ class Trainer:
         except UsageError as e:
             problem = e
         # Ranks agree before going on, so a bad file on one rank cannot leave the others waiting.
+        self._raise_if_any_rank_failed(problem)
+        return prepared
+
+    @staticmethod
+    def _raise_if_any_rank_failed(problem: UsageError | None) -> None:
         first = dist.agree_on_error(problem.render() if problem else None)
         if first:
             raise problem or UsageError(first.removeprefix("error: "))
-        return prepared
 
     def _tokenizer(self, raw):
         cfg = self.cfg
@@ -257,6 +270,8 @@ class Trainer:
             m.close()
             return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
         m.print(self._banner())  # what runs, before anything it computes (the first eval included)
+        for line in self._data_lines():
+            m.print(line)
         m.print(memory.planned_line(self.backend))
         if self.step == 0:
             before = self.evaluate()
@@ -330,7 +345,7 @@ class Trainer:
             # NaN instead of a non-finite loss: the gradient all-reduce then skips this step on every rank.
             backend.backward(fault.nan_if_nonfinite(summed) * scale, last)
             loss_sum += summed.detach().float()
-            tokens += mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
+            tokens += data.real_tokens(mb)
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
         grad_norm = backend.step(lr, self.cfg.train.clip_grad)
         return loss_sum, counts.sum(), tokens, grad_norm, lr
@@ -339,8 +354,12 @@ class Trainer:
     def evaluate(self) -> dict:
         with self.fault.slow_section():
             report = evaluation.evaluate_report(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
-                                                self.cfg.train.eval_batches, self.backend.autocast, self.windows)
+                                                self.cfg.train.eval_batches, self.backend.autocast, self.windows,
+                                                self.cfg.eval.generation_tokens)
         evaluation.write_report(self.run_dir, self.step, report, self.metrics)
+        for g in report.generations:
+            self.metrics.print(f"  greedy completion at step {self.step}: {json.dumps(g['prompt'][-80:])} -> "
+                               f"{json.dumps(g['completion'])}")
         self.last_eval = report.scalars
         return report.scalars
 
@@ -391,11 +410,21 @@ class Trainer:
         with self.fault.slow_section():  # rank 0 writes while the others wait: start-up-sized limits
             state = self.backend.full_state_dict()
             if self.env.is_main:
+                adapter = None
+                if self.cfg.model.lora_rank:  # beside the merged model: the adapters alone, in PEFT's format
+                    unmerged = state
+                    adapter = lambda d: transfer.save_adapter(unmerged, self.cfg.model, self.cfg.model.head,
+                                                              d / "adapter", self.data.tokenizer)
                 state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
-                                     self.data.label_names)
+                                     self.data.label_names, extras=adapter)
             dist.barrier()
-            diff = self.verify_export(out)
+            try:
+                diff = self.verify_export(out)
+            except Exception:
+                if self.env.is_main:  # a directory that failed its check must not stay where a good model belongs
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
         self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
                            f"(max |diff| {diff:.2g})")
 
@@ -438,7 +467,8 @@ class Trainer:
             self.track_best(after, final=final)
         summary = {"step": self.step, **last_row, **after, "final": str(final), "checkpoint": str(ckpt)}
         if self.env.is_main:
-            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens:
+            # prompt_completion/chat runs show greedy completions of held-out prompts at every evaluation instead
+            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens and not self.data.sft:
                 text = sample(final, self.cfg.train.sample_prompt, self.cfg.train.sample_tokens, self.cfg.run.seed)
                 m.text("sample", text, self.step)
                 m.print("sample: " + json.dumps(text))
@@ -461,6 +491,21 @@ class Trainer:
                 f"run again with a later train.stop_at_step (or 0) to continue")
         m.close()
         return {"step": self.step, **last_row, **ev, "checkpoint": str(ckpt), "stopped": True}
+
+    def _data_lines(self) -> list[str]:
+        """prompt_completion/chat: what became of the examples (truncated, dropped, packing efficiency)."""
+        d, c = self.data, self.cfg.data
+        if not d.sft:
+            return []
+        lines = [f"data: {d.stats[s].line(s, c.overflow, c.seq_len)}" for s in ("train", "validation") if d.stats.get(s)]
+        if d.chat is not None:
+            lines.append(f"data: chat template: {d.chat.origin}; generation stops at token ids {d.chat.stop_ids} "
+                         f"({', '.join(repr(d.tokenizer.convert_ids_to_tokens(i)) for i in d.chat.stop_ids)})")
+            if len(d.chat.stop_ids) < 2:
+                lines.append("warning: the chat template ends an assistant turn with no single end-of-turn token, so "
+                             "generation stops only at EOS; a template whose turns end in a special token (the "
+                             "built-in ChatML's <|im_end|>) stops where the turn ends")
+        return lines
 
     def close(self) -> None:
         self.fault.close()
