@@ -12,7 +12,8 @@ Each launch carries several properties, to keep the suite short:
     fsdp_zero2    reshard_after_forward=false + dist.offload=cpu + fsdp_grad_sync=step + activation
                   checkpointing on 2 ranks, resuming one_process's step-2 checkpoint (1 -> 2 ranks):
                   parity of steps 3-4, and where the optimizer state lives
-    hsdp          4 ranks on a 2 x 2 mesh (dist.fsdp_replicate=2): parity and initial weights, the mesh
+    hsdp          4 ranks on a 2 x 2 mesh (dist.fsdp_replicate=2): parity and initial weights, the mesh; its
+                  step-2 checkpoint resumes in one process (mesh 2 x 2 -> 1)
     killed        SIGKILL to every process in the middle of the step-3 save: no usable-looking checkpoint is
                   left; the same run directory then resumes on 2 ranks (checkpoint.resume=auto) from step 2
                   and must repeat fsdp's steps 3-4 bit for bit
@@ -43,7 +44,7 @@ STEPS = 4
 SCENARIOS = {
     # name: (ranks, overrides)
     "fsdp": (2, {"checkpoint.every": 2}),
-    "hsdp": (4, {"dist.fsdp_replicate": 2, "train.micro_batch": 1}),
+    "hsdp": (4, {"dist.fsdp_replicate": 2, "train.micro_batch": 1, "checkpoint.every": 2}),
 }
 ZERO2_LIKE = {"dist.reshard_after_forward": False, "dist.offload": "cpu", "dist.fsdp_grad_sync": "step",
               "model.gradient_checkpointing": True}
@@ -233,6 +234,15 @@ def test_two_ranks_resume_on_one(runs, single, root, corpus):
     resumed = _train_in_process(root / "fsdp_two_to_one", **split_overrides(corpus, 2, 4, **{
         "dist.backend": "fsdp", "checkpoint.resume": str(runs("fsdp") / "checkpoints" / "step-000002")}))
     _resumed_matches(resumed, runs("fsdp"), first=3)
+    _resumed_matches(resumed, single, first=3)
+
+
+def test_hsdp_checkpoint_resumes_in_one_process(runs, single, root, corpus):
+    """Mesh 2 x 2 (4 ranks, each shard held by two replicas) -> one process: DCP reads each chunk once and maps
+    it onto the new shards, Adam moments included."""
+    resumed = _train_in_process(root / "hsdp_to_one", **split_overrides(corpus, 2, 4, **{
+        "dist.backend": "fsdp", "checkpoint.resume": str(runs("hsdp") / "checkpoints" / "step-000002")}))
+    _resumed_matches(resumed, runs("hsdp"), first=3)
     _resumed_matches(resumed, single, first=3)
 
 
