@@ -31,7 +31,8 @@ The loop's protocol, as this backend implements it:
                                        shard norms), clip, AdamW on the shards unless the norm is non-finite
 
 Collectives per optimizer step with L blocks (L + 1 FSDP groups with the root) and A micro-batches, counted
-on 2 gloo ranks with L = A = 2 (docs/distributed.md shows the command):
+on 2 gloo ranks with L = A = 2 (tests/distributed/test_communication.py asserts the default and
+fsdp_grad_sync=step rows):
 
     default (reshard_after_forward=true, fsdp_grad_sync=micro_batch)
         all-gathers      2 A (L + 1)   each group gathered for its forward and again for its backward
