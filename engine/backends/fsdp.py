@@ -78,7 +78,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import dist, fault, fastpath, model as model_lib, optim
+from engine import dist, fault, fastpath, integrity, model as model_lib, optim
 from engine.backends.base import Backend, device_peaks, set_lr, tensor_bytes
 from engine.backends.deferred_init import Recorder, pretrained_tensors
 from engine.errors import UsageError
@@ -354,13 +354,19 @@ class FSDPBackend(Backend):
         started = bool(self.optimizer.state)
         self._reshard()
         dcp.save(self._state_dicts(started), storage_writer=dcp.FileSystemWriter(str(root), sync_files=True))
+        # Digests (the checkpoint's manifest): each rank hashes the chunk files it wrote, now, while the page
+        # cache holds them; rank 0 also DCP's index, which the coordinator writes once every rank is done.
+        # DCP names a rank's files __<rank>_<n>.distcp (n: one per writer thread).
+        for written in sorted(root.glob(f"__{self.env.rank}_*.distcp")):
+            integrity.record(written)
         if self.env.is_main:
+            integrity.record(root / ".metadata")
             if self.scaler:
-                torch.save(self.scaler.state_dict(), root / SCALER)
+                integrity.save_torch(self.scaler.state_dict(), root / SCALER)
             layout = {"world_size": self.env.world_size, "mesh": list(self.mesh.shape),
                       "dtype": str(self.param_dtype).removeprefix("torch."), "saves_frozen": self.saves_frozen,
                       "optimizer_state": started, "grad_sync": self.cfg.dist.fsdp_grad_sync}
-            (root / LAYOUT).write_text(json.dumps(layout, indent=1), encoding="utf-8")
+            integrity.write_bytes(root / LAYOUT, json.dumps(layout, indent=1).encode("utf-8"))
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp

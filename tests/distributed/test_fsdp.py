@@ -323,14 +323,19 @@ def test_kill_9_mid_save_leaves_no_usable_checkpoint_and_resume_is_bitwise(runs,
     assert all(torch.equal(w[k], rw[k]) for k in rw)
 
 
-def test_a_corrupted_dcp_shard_is_detected(runs, tmp_path):
-    """Issue 12's digests cover the DCP files: one flipped byte in rank 1's chunk file makes the checkpoint
-    refused by `ftl export` (exit 2, the damaged file named). Runs once engine/integrity.py (issue 12) is in."""
-    pytest.importorskip("engine.integrity", reason="checkpoint digests (issue 12) are not merged yet")
+def test_dcp_files_have_digests_and_a_corrupted_chunk_file_is_refused(runs, tmp_path):
+    """Issue 12's digests cover the DCP files: each rank hashed the chunk file it wrote, rank 0 DCP's index and
+    the layout; one flipped byte in rank 1's chunk file makes `ftl export` refuse the checkpoint (exit 2, the
+    damaged file named, nothing written)."""
     import shutil
 
     ckpt = tmp_path / "step-000002"
     shutil.copytree(runs("fsdp") / "checkpoints" / "step-000002", ckpt)
+    files = json.loads((ckpt / "MANIFEST.json").read_text())["files"]
+    hashed_by = {name: files[f"fsdp/{name}"]["hashed_by"]
+                 for name in ("__0_0.distcp", "__1_0.distcp", ".metadata", "layout.json")}
+    assert hashed_by == {"__0_0.distcp": 0, "__1_0.distcp": 1, ".metadata": 0, "layout.json": 0}, hashed_by
+    assert {f.relative_to(ckpt).as_posix() for f in (ckpt / "fsdp").iterdir()} <= set(files)
     shard = ckpt / "fsdp" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
