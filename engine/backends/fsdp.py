@@ -59,6 +59,9 @@ Checkpoints are torch.distributed.checkpoint (DCP) directories inside the engine
                                       (Adam moments and step), "optim.param_groups.*" (hyperparameters)
     <ckpt>/fsdp/scaler.pt             fp16 only: the loss scaler's state (identical on every rank)
 
+Every file above has its digest in the checkpoint's MANIFEST.json (engine/integrity.py): each rank hashes the
+chunk files it wrote right after DCP writes them, rank 0 also the index; they are checked before resume/export.
+
 DCP re-shards on load, so a checkpoint resumes on any world size and mesh shape, optimizer state included.
 `full_state_from_checkpoint` reads the full weights offline, without a process group, for `ftl export`.
 Reading never unpickles arbitrary objects: DCP's index is read by an unpickler that allows only DCP's own
