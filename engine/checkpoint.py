@@ -44,6 +44,9 @@ from engine.errors import DiskFull
 
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
+# Exports above this size are written as several safetensors files plus model.safetensors.index.json
+# (gpt2-large and gpt2-xl in fp32), which transformers reloads the same way; smaller ones as one file.
+EXPORT_SHARD_SIZE = "2GB"
 
 
 def step_dir_name(step: int) -> str:
@@ -441,7 +444,7 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
         raise RuntimeError(f"export is missing weights for {missing[:5]}")
 
     def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
         compat.save_tokenizer(tokenizer, tmp, cfg.n_positions)  # loadable by every transformers >= 4.57
         if extras is not None:
             extras(tmp)

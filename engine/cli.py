@@ -593,7 +593,7 @@ def _on_off(v: str) -> bool:
 @click.option("--quick", is_flag=True, help="CPU smoke grid: gpt2-tiny, seq 32, a few steps (seconds).")
 @click.option("--preset", "presets", callback=_csv(str), default=None, help="Model presets, e.g. gpt2,gpt2-xl.")
 @click.option("--backend", "backends", callback=_csv(str), default=None,
-              help="ddp, zero0..zero3, zero2-offload, zero3-offload (comma-separated).")
+              help="ddp, zero0..zero3, zero2-offload, zero3-offload, fsdp, fsdp-offload (comma-separated).")
 @click.option("--micro-batch", "micro_batches", callback=_csv(int), default=None, help="Micro-batch sizes, e.g. 8,16.")
 @click.option("--seq-len", "seq_lens", callback=_csv(int), default=None, help="Sequence lengths, e.g. 1024.")
 @click.option("--compile", "compiles", callback=_csv(_on_off), default=None, help="off,on (both: compare).")

@@ -394,10 +394,22 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = opt("ddp", "ddp (also used for a single process) or deepspeed.", ("ddp", "deepspeed"))
+    backend: str = opt("ddp", "ddp (also used for a single process), deepspeed (ZeRO), or fsdp (PyTorch FSDP2: "
+                              "parameters, gradients and optimizer state sharded; docs/distributed.md).",
+                       ("ddp", "deepspeed", "fsdp"))
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage 0-3 (backend=deepspeed).")
     ds_config: str = opt("", "Path to your own DeepSpeed JSON; 'auto' values are filled from this config.")
-    offload: str = opt("none", "DeepSpeed CPU offload of optimizer state (and parameters at stage 3).", ("none", "cpu"))
+    offload: str = opt("none", "CPU offload: deepspeed, of optimizer state (and parameters at stage 3); fsdp, of "
+                               "parameter shards, gradients and the optimizer step.", ("none", "cpu"))
+    reshard_after_forward: bool = opt(True, "fsdp: free each block's gathered weights after its forward and gather "
+                                            "them again for backward (ZeRO-3-like); false keeps them until backward "
+                                            "(ZeRO-2-like: more memory, less communication).")
+    fsdp_replicate: int = opt(1, "fsdp: number of replica groups (HSDP): shard within a group of world/N ranks (a "
+                                 "node), replicate across the N groups. 1: shard over every rank.")
+    fsdp_grad_sync: str = opt("micro_batch", "fsdp: micro_batch reduce-scatters each micro-batch's gradients into "
+                                             "the shards (gradients stay 1/world); step keeps full-size gradients "
+                                             "until the last micro-batch and reduce-scatters once per step (fewer "
+                                             "collectives, more memory).", ("micro_batch", "step"))
     timeout_s: int = opt(1800, "Collective timeout in seconds at start-up, in the first step, evaluation and checkpoint "
                                "saves (dist.step_timeout_s applies to the other steps).")
     step_timeout_s: int = opt(600, "Collective timeout in seconds once the first step has completed: a rank waiting "
@@ -411,8 +423,15 @@ class DistConfig:
              + positive("dist.watchdog_s", self.watchdog_s, True))
         if self.zero_stage not in (0, 1, 2, 3):
             p.append(f"dist.zero_stage must be 0, 1, 2 or 3 (got {self.zero_stage})")
-        if self.backend != "deepspeed" and (self.zero_stage or self.ds_config or self.offload != "none"):
-            p.append("dist.zero_stage / dist.ds_config / dist.offload need dist.backend=deepspeed")
+        if self.backend != "deepspeed" and (self.zero_stage or self.ds_config):
+            p.append("dist.zero_stage / dist.ds_config need dist.backend=deepspeed")
+        if self.backend == "ddp" and self.offload != "none":
+            p.append("dist.offload needs dist.backend=deepspeed or fsdp")
+        if self.backend != "fsdp" and (self.fsdp_replicate != 1 or self.fsdp_grad_sync != "micro_batch"
+                                       or not self.reshard_after_forward):
+            p.append("dist.reshard_after_forward / dist.fsdp_replicate / dist.fsdp_grad_sync need dist.backend=fsdp")
+        if self.fsdp_replicate < 1:
+            p.append(f"dist.fsdp_replicate must be >= 1 (got {self.fsdp_replicate})")
         if self.ds_config and not Path(self.ds_config).is_file():
             p.append(f"dist.ds_config: no such file {self.ds_config!r}")
         elif self.backend == "deepspeed" and self.zero_stage in (0, 1, 2, 3):

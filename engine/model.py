@@ -12,8 +12,11 @@ never a mean, because the trainer divides by the global target count of the whol
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -87,6 +90,22 @@ def resolve(cfg: ModelConfig) -> ModelSource:
     return ModelSource(name, True, None, None)  # a hub id; its config comes with the download
 
 
+# A backend that builds the model without its weights (FSDP on the meta device) supplies the pretrained
+# state dict itself: name or directory -> {key: tensor} that from_pretrained then loads as usual.
+_PRETRAINED_STATE: contextvars.ContextVar[Callable[[str], dict] | None] = contextvars.ContextVar(
+    "ftl_pretrained_state", default=None)
+
+
+@contextlib.contextmanager
+def pretrained_state_dict(provider: Callable[[str], dict]):
+    """Inside this block `build` hands from_pretrained `provider(name)` as its state_dict."""
+    token = _PRETRAINED_STATE.set(provider)
+    try:
+        yield
+    finally:
+        _PRETRAINED_STATE.reset(token)
+
+
 def _dropout_kwargs(cfg: ModelConfig) -> dict:
     def pick(site):
         return cfg.dropout if site is None else site
@@ -104,8 +123,17 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
     if cfg.head == "cls":
         extra.update(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     if source.pretrained:
+        where = str(source.local_dir or source.name)
+        provider = _PRETRAINED_STATE.get()
         try:
-            model = cls.from_pretrained(str(source.local_dir or source.name), **extra)
+            if provider is None:
+                model = cls.from_pretrained(where, **extra)
+            else:  # the same load from the provider's tensors (transformers takes a name or a state dict)
+                from transformers import AutoConfig
+
+                attn = extra.pop("attn_implementation")
+                config = AutoConfig.from_pretrained(where, **extra)
+                model = cls.from_pretrained(None, config=config, state_dict=provider(where), attn_implementation=attn)
         except OSError as e:
             raise UsageError(
                 f"model.name {source.name!r}: not a preset, a local directory, or a reachable hub model ({e})".strip()

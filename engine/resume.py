@@ -40,6 +40,7 @@ IGNORED = {
     "train.epochs",  # resolved to train.max_steps at start (the trainer compares those)
     "checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep", "checkpoint.resume",
     "dist.timeout_s", "dist.step_timeout_s", "dist.watchdog_s",
+    "dist.reshard_after_forward", "dist.fsdp_replicate", "dist.fsdp_grad_sync",  # FSDP checkpoints reshard to any mesh
 }
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "num_labels")
 

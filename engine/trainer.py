@@ -87,9 +87,11 @@ class Trainer:
             if cfg.model.head == "lm":  # in construct(): ZeRO-3 partitions the padded embedding as it is made
                 fastpath.install_lm_head(hf, cfg.perf)
         # Parameter bytes held as whole tensors once built: the full model for DDP, ~nothing under ZeRO-3,
-        # whose construction partitions each module as it is made (reported with the first step's memory).
-        self.built_param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-        transfer.adapt(hf, cfg.model)  # model.freeze / LoRA (outside construct: adapters are new parameters)
+        # whose construction partitions each module as it is made, nothing under FSDP, which builds on the meta
+        # device (reported with the first step's memory).
+        self.built_param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters() if not p.is_meta)
+        with self.backend.adapting():  # model.freeze / LoRA (after construct: adapters are new parameters)
+            transfer.adapt(hf, cfg.model)
         if self.data.label_names:
             hf.config.id2label = dict(enumerate(self.data.label_names))
             hf.config.label2id = {n: i for i, n in enumerate(self.data.label_names)}
@@ -102,6 +104,8 @@ class Trainer:
         self.base_fingerprint = transfer.base_fingerprint(module) if cfg.model.lora_rank else None
         self.trainable = transfer.trainable_summary(module)  # before a backend shards the parameters
         self.backend.setup(module, transfer.param_groups(module, cfg))
+        if cfg.model.lora_rank and self.base_fingerprint is None:  # FSDP builds on meta: its weights exist now
+            self.base_fingerprint = transfer.base_fingerprint(module)  # (all ranks: sharded weights gather)
         if cfg.model.compile:
             self.backend.compile()
         seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1))

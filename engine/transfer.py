@@ -175,12 +175,17 @@ def base_fingerprint(module: nn.Module) -> str | None:
     """A cheap fingerprint of the frozen weights (a strided sample of every frozen tensor), so a LoRA run
     resumed from an adapter-only checkpoint can tell that model.name still gives the same base.
     None when the weights are not materialized here (ZeRO-3 partitions)."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, p in module.named_parameters():
         if p.requires_grad:
             continue
-        if p.numel() == 0 or hasattr(p, "ds_id"):
+        if p.numel() == 0 or hasattr(p, "ds_id") or p.is_meta:
             return None
+        # an FSDP shard: the whole tensor, one at a time (a collective every rank reaches in the same order)
+        if isinstance(p, DTensor):  # offloaded shards live on the CPU; the gather runs on the mesh's device
+            p = p.detach().to(p.device_mesh.device_type).full_tensor()
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].double().cpu()
         h.update(f"{name}:{tuple(p.shape)}:{sample.sum().item():.12e}:{sample.abs().sum().item():.12e}".encode())

@@ -81,6 +81,11 @@ TARGETS: dict[str, Target] = {
                                                          "DeepSpeedBackend.step"],
                         ["tests/distributed/test_deepspeed_step.py", "tests/distributed/test_communication.py"],
                         {"FTL_COMM_BACKENDS": "zero1,zero2"}),
+    "fsdp": Target("engine/backends/fsdp.py", ["FSDPBackend.accumulate", "FSDPBackend.backward", "FSDPBackend.step",
+                                               "FSDPBackend._global_norm"],
+                   ["tests/distributed/test_communication.py",
+                    "tests/integration/test_fsdp_cli.py::test_non_finite_steps_are_skipped_and_saving_before_the_first_update_changes_nothing"],
+                   {"FTL_COMM_BACKENDS": "fsdp,fsdp_step"}),
 }
 OPERATORS = ("operator", "comparison", "boolean", "not", "constant", "condition", "statement", "argument")
 DEFAULT_OPERATORS = tuple(o for o in OPERATORS if o != "argument")  # argument -> None: mostly crashes, slow to run

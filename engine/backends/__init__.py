@@ -15,6 +15,10 @@ def create(cfg: Config, env: DistEnv) -> Backend:
         from engine.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, env)
+    if cfg.dist.backend == "fsdp":
+        from engine.backends.fsdp import FSDPBackend
+
+        return FSDPBackend(cfg, env)
     from engine.backends.ddp import DDPBackend
 
     return DDPBackend(cfg, env)
@@ -29,6 +33,10 @@ def checkpoint_reader(ckpt_dir):
 
     if (Path(ckpt_dir) / "deepspeed").is_dir():
         from engine.backends.deepspeed import full_state_from_checkpoint
+
+        return full_state_from_checkpoint
+    if (Path(ckpt_dir) / "fsdp").is_dir():
+        from engine.backends.fsdp import full_state_from_checkpoint
 
         return full_state_from_checkpoint
     return None

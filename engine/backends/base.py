@@ -49,6 +49,11 @@ class Backend(ABC):
         """Context to build the model in (ZeRO-3 partitions parameters as they are created)."""
         return contextlib.nullcontext()
 
+    def adapting(self) -> contextlib.AbstractContextManager:
+        """Context for model.freeze / LoRA, applied to the built model after `construct()` (ZeRO-3 must not
+        partition the new adapters; FSDP records them like the rest of the build)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def setup(self, module: nn.Module, param_groups: list[dict]) -> None:
         """Move/shard `module`, wrap it for data parallelism and create the optimizer."""
@@ -156,6 +161,15 @@ class Backend(ABC):
 
     def close(self) -> None:
         pass
+
+
+def device_peaks(device: torch.device) -> dict:
+    """The process's peak memory: the device allocator's on CUDA, the host's resident set elsewhere."""
+    if device.type == "cuda":
+        return {"cuda_max_allocated": int(torch.cuda.max_memory_allocated(device))}
+    import resource
+
+    return {"host_max_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -14,8 +14,12 @@ equal ones (the step's single reduction).
 
     python -m torch.distributed.run --nproc-per-node 2 ... -m tests.distributed.comm_probe OUT.json SCENARIOS.json
 
-SCENARIOS.json: {"name": {"overrides": {key: value}, "grads": bool}}. OUT.json (rank 0):
-{"name": {"steps": {step: {op: count}}, "grads": [[equal after backward i of the probed step]]}}.
+FSDP keeps only gradient shards, which a reduce-scatter fills: for it ("shards": true) the probe records instead
+whether every trainable parameter holds its shard after each backward, and the norm of this rank's shards.
+
+SCENARIOS.json: {"name": {"overrides": {key: value}, "grads": bool, "shards": bool}}. OUT.json (rank 0):
+{"name": {"steps": {step: {op: count}}, "grads": [equal after backward i of the probed step],
+"shards": [every shard present after backward i], "grad_norms": [...]}}.
 """
 
 from __future__ import annotations
@@ -63,6 +67,15 @@ def local_grads(backend) -> torch.Tensor:
                       for p in trainable(backend)])
 
 
+def sharded_grads(backend) -> tuple[bool, float]:
+    """FSDP: whether every trainable parameter holds its gradient shard (it appears only when a reduce-scatter
+    delivered it), and the norm of this rank's shards."""
+    grads = [p.grad for p in trainable(backend)]
+    present = all(g is not None for g in grads)
+    norm = sum(float(g.to_local().float().norm()) ** 2 for g in grads if g is not None) ** 0.5
+    return present, norm
+
+
 def run(name: str, spec: dict, root: Path, env, tokenizer: str | None) -> dict:
     from engine import dist
     from engine.config import load_config
@@ -76,6 +89,7 @@ def run(name: str, spec: dict, root: Path, env, tokenizer: str | None) -> dict:
     trainer = Trainer(cfg, env, progress=False)
     counter = CollectiveCounter()
     snapshots: list[torch.Tensor] = []
+    shards: list[tuple[bool, float]] = []
     fault, backend = trainer.fault, trainer.backend
     step_begins, loop_done, backward = fault.step_begins, fault.loop_done, backend.backward
 
@@ -93,9 +107,12 @@ def run(name: str, spec: dict, root: Path, env, tokenizer: str | None) -> dict:
 
     def on_backward(loss, last):
         backward(loss, last)
-        if spec.get("grads") and counter.label == GRAD_STEP:
+        if (spec.get("grads") or spec.get("shards")) and counter.label == GRAD_STEP:
             label, counter.label = counter.label, None  # clones are not collectives, but keep the count pure
-            snapshots.append(local_grads(backend))
+            if spec.get("grads"):
+                snapshots.append(local_grads(backend))
+            else:
+                shards.append(sharded_grads(backend))
             counter.label = label
 
     fault.step_begins, fault.loop_done, backend.backward = on_step, on_loop_done, on_backward
@@ -110,6 +127,9 @@ def run(name: str, spec: dict, root: Path, env, tokenizer: str | None) -> dict:
         both = dist.all_gather_object([s.numpy() for s in snapshots])
         out["grads"] = [bool((torch.from_numpy(a) == torch.from_numpy(b)).all()) for a, b in zip(*both)]
         out["grad_norms"] = [float(s.norm()) for s in snapshots]
+    if spec.get("shards"):
+        out["shards"] = [present for present, _ in shards]
+        out["grad_norms"] = [norm for _, norm in shards]
     return out
 
 

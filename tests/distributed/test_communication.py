@@ -13,6 +13,13 @@ grad_accum: the numbers below are what DeepSpeed 0.19 does with this model and t
 updating them. Besides the gradients, a step issues exactly one collective of its own (the global target count,
 which carries the preemption flag), and a log step two more (the window's loss and token sums): nothing else
 may creep into the loop.
+
+FSDP2 (issue 16) runs in the same job, under its two gradient sync policies (docs/distributed.md, FSDP). Every
+FSDP group (each block, and the root) is all-gathered for its forward and again for its backward
+(reshard_after_forward=true). By default (dist.fsdp_grad_sync=micro_batch) each group's gradients are
+reduce-scattered after every micro-batch's backward, into 1/world shards where they add up; with
+fsdp_grad_sync=step nothing is reduced before the last micro-batch (set_requires_gradient_sync(False)), then once.
+Its one all-reduce of its own is the gradient norm (the squared norms of the shards).
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ BACKENDS = {
     "zero1": {"dist.backend": "deepspeed", "dist.zero_stage": 1},
     "zero2": {"dist.backend": "deepspeed", "dist.zero_stage": 2},
     "zero3": {"dist.backend": "deepspeed", "dist.zero_stage": 3},
+    "fsdp": {"dist.backend": "fsdp"},
+    "fsdp_step": {"dist.backend": "fsdp", "dist.fsdp_grad_sync": "step"},
 }
+FSDP_GROUPS = 3  # gpt2-tiny's 2 blocks + the root (embeddings, ln_f, the tied head)
 # The loop's own collectives: the step's target count (one all-reduce, the preemption flag rides in it), and on a
 # log step the window's summed loss/targets and tokens.
 LOOP = {"allreduce_": 1}
@@ -45,6 +55,11 @@ GRADIENTS = {
     "zero1": {"allreduce_": (14, 0), "_allgather_base_": (2, 0)},  # the partitions reduced, updated, gathered back
     "zero2": {"allreduce_": (2, 20), "_allgather_base_": (2, 0)},  # gradient buckets reduced on every backward
     "zero3": {"allreduce_": (2, 0), "_allgather_base_": (18, 20), "_reduce_scatter_base_": (0, 19)},  # + parameter gathers
+    # FSDP: every group gathered twice per micro-batch; its gradients reduce-scattered per micro-batch (default) or
+    # once per step (fsdp_grad_sync=step); one all-reduce of the squared shard norms
+    "fsdp": {"allreduce_": (1, 0), "_allgather_base_": (0, 2 * FSDP_GROUPS), "_reduce_scatter_base_": (0, FSDP_GROUPS)},
+    "fsdp_step": {"allreduce_": (1, 0), "_allgather_base_": (0, 2 * FSDP_GROUPS),
+                  "_reduce_scatter_base_": (FSDP_GROUPS, 0)},
 }
 PLAIN_STEP, LOGGED_STEP = "4", "5"  # steps 1-3 carry one-off collectives (memory report, DDP bucket rebuild, ZeRO-3 trace)
 
@@ -69,7 +84,8 @@ def selected(*backends: str) -> list[str]:
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("comm")
-    scenarios = {f"{b}-{a}": {"overrides": {**BACKENDS[b], "train.grad_accum": a}, "grads": b in ("ddp", "zero0", "zero1")}
+    scenarios = {f"{b}-{a}": {"overrides": {**BACKENDS[b], "train.grad_accum": a}, "grads": b in ("ddp", "zero0", "zero1"),
+                              "shards": b.startswith("fsdp")}
                  for b in SELECTED for a in ACCUMS}
     (root / "scenarios.json").write_text(json.dumps(scenarios))
     cmd = torchrun_cmd(2, [root / "out.json", root / "scenarios.json"])
@@ -118,3 +134,26 @@ def test_ranks_gradients_differ_inside_accumulation_and_agree_after_the_last_mic
             if backend == "zero1":
                 continue  # ZeRO-1 moves the reduced gradients into its partitions: .grad is empty after the last
             assert norms[-1] > 0 and equal[-1], f"{backend} grad_accum={a}: ranks disagree after the last micro-batch"
+
+
+def test_fsdp_reduce_scatters_as_its_sync_policy_says(counts):
+    """Default: one reduce-scatter per group after every micro-batch, and every gradient shard is there after each
+    backward (the reduce-scatter delivered it; it adds up across micro-batches). fsdp_grad_sync=step: no shard
+    before the last micro-batch (nothing was reduced), one reduce-scatter per group per step. Both end a step
+    with the same gradient (the sum of reduce-scatters is the reduce-scatter of the sum)."""
+    for backend in selected("fsdp", "fsdp_step"):
+        for a in ACCUMS:
+            got = counts[f"{backend}-{a}"]
+            assert got["steps"][PLAIN_STEP] == expected(backend, a, log=False), (
+                f"{backend} grad_accum={a}: collectives per step {got['steps'][PLAIN_STEP]}, expected "
+                f"{expected(backend, a, log=False)}")
+            shards, norms = got["shards"], got["grad_norms"]
+            assert len(shards) == a and shards[-1] and norms[-1] > 0, got
+            if backend == "fsdp":
+                assert all(shards), f"fsdp grad_accum={a}: a micro-batch's gradients were not reduce-scattered: {shards}"
+            else:
+                assert not any(shards[:-1]), f"fsdp_step grad_accum={a}: gradients reduced inside the step: {shards}"
+    if set(selected("fsdp", "fsdp_step")) == {"fsdp", "fsdp_step"}:
+        for a in ACCUMS:
+            assert counts[f"fsdp-{a}"]["grad_norms"][-1] == pytest.approx(
+                counts[f"fsdp_step-{a}"]["grad_norms"][-1], rel=1e-5), a

@@ -1,10 +1,10 @@
 """Invariant 1 on instruction data: with prompt/completion examples packed into rows (so every micro-batch
 and rank holds a different number of target tokens), world x micro_batch x grad_accum splits of one global
 batch give the same losses, gradient norms and final weights on every backend: a single process (micro 8),
-and 2 gloo ranks (micro 2 x accum 2) under DDP and DeepSpeed ZeRO 0, 1, 2 and 3.
+and 2 gloo ranks (micro 2 x accum 2) under DDP, DeepSpeed ZeRO 0, 1, 2 and 3, and FSDP2.
 
 All 2-rank runs train in ONE torchrun launch (tests/distributed/sft_parity_worker.py), one after another.
-The ZeRO-3 run also evaluates with greedy generations at every evaluation: every rank must enter each
+The ZeRO-3 and FSDP runs also evaluate with greedy generations at every evaluation: every rank must enter each
 forward (the parameters are gathered), so a rank generating alone would hang the launch.
 
 Adding a backend is one line in BACKENDS (e.g. "fsdp": {"dist.backend": "fsdp"})."""
@@ -29,6 +29,9 @@ BACKENDS = {
     "zero2": {"dist.backend": "deepspeed", "dist.zero_stage": 2},
     "zero3": {"dist.backend": "deepspeed", "dist.zero_stage": 3, "train.eval_every": 2, "eval.generations": 2,
               "eval.generation_tokens": 4},
+    # FSDP2 (issue 16): packed rows' position_ids/document_ids reach the sharded blocks; it generates at every
+    # evaluation too (each forward all-gathers the blocks, so every rank must generate)
+    "fsdp": {"dist.backend": "fsdp", "train.eval_every": 2, "eval.generations": 2, "eval.generation_tokens": 4},
 }
 # fp32 on CPU: the splits differ only in summation order (see tests/distributed/test_deepspeed.py)
 LOSS_RTOL = 1e-5
@@ -97,9 +100,10 @@ def test_sft_splits_agree_on_every_backend(runs, name):
     assert worst < WEIGHT_ATOL, f"{name}: max weight difference {worst:.3g}"
 
 
-def test_zero3_evaluates_with_generations_on_every_rank(runs):
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_sharded_backends_evaluate_with_generations_on_every_rank(runs, name):
     root, proc = runs
-    evals = [json.loads(p.read_text()) for p in sorted((root / "zero3" / "eval").glob("step-*.json"))]
+    evals = [json.loads(p.read_text()) for p in sorted((root / name / "eval").glob("step-*.json"))]
     assert [e["step"] for e in evals] == [0, 2, 4]
     for e in evals:
         assert len(e["generations"]) == 2 and all(isinstance(g["completion"], str) for g in e["generations"])
