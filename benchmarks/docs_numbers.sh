@@ -14,7 +14,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SECTIONS=(default tests deepspeed classification lora_sizes long_inputs long_context long_context_memory sweep deploy explain)
+SECTIONS=(default tests deepspeed backends checkpoint_digests classification lora_sizes sft long_inputs long_context long_context_memory sweep deploy explain)
 LIST=0
 case "${1:-}" in
     --list) LIST=1; shift ;;
@@ -94,6 +94,16 @@ if has deepspeed; then
     run "$PY" "$ROOT/benchmarks/deepspeed_zero.py"
 fi
 
+if has backends; then
+    section "the same run under every backend (docs/distributed.md: losses and bytes of DDP, ZeRO 1-3, FSDP2)"
+    run "$PY" "$ROOT/benchmarks/backends_cpu.py" --out "$W/backends-cpu"
+fi
+
+if has checkpoint_digests; then
+    section "what checkpoint digests cost (docs/fault-tolerance.md)"
+    run "$PY" "$ROOT/benchmarks/checkpoint_digests.py" --preset gpt2-medium --repeats 3 --dir "$W/ckbench"
+fi
+
 if has classification; then
     section "classification walkthrough (docs/fine-tuning.md: imbalance, baseline, macro-F1 table at 1 and 2 threads, seeds)"
     run OMP_NUM_THREADS=1 ftl data stats examples/classification.yaml --split validation '|' grep -E "'^labels|baseline'"
@@ -125,6 +135,13 @@ fi
 if has lora_sizes; then
     section "LoRA sizes (docs/fine-tuning.md, Transfer learning: trainable parameters and adapter bytes at rank 8)"
     run "$PY" "$ROOT/benchmarks/lora_sizes.py" runs/cls-lm-lora runs/stdlib-packages
+fi
+
+if has sft; then
+    section "chat fine-tuning (docs/sft.md: the walkthrough's losses and packing efficiency, then packing against padding)"
+    run ftl train examples/sft.yaml --no-progress '2>&1' '|' grep -E "'^data: (train|validation)|eval (before|after)'"
+    last_eval runs/sft-chat eval_loss eval_ppl
+    run "$PY" "$ROOT/benchmarks/sft_packing.py" --out "$W/sft-packing"
 fi
 
 if has long_inputs; then
