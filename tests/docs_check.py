@@ -332,7 +332,9 @@ def command_problems(c: Command, keys: set[str] | None = None) -> list[str]:
         placeholder = c.lenient and not re.fullmatch(r"[a-z_]+\.[a-z_]+", key)  # `--set ...`, `KEY=V1,V2`
         if key not in keys and not c.expect_error and not placeholder:
             problems.append(f"`{name}`: {'--set' if s in sets else '--grid'} {key}: not a config key")
-    for tok in [*positional, *[v for vs in values.values() for v in vs if isinstance(v, str)]]:
+    # paths the docs read must exist; what a command writes (--out, --output) need not
+    written = {"out", "output", "output_dir"}
+    for tok in [*positional, *[v for k, vs in values.items() if k not in written for v in vs if isinstance(v, str)]]:
         for path in re.findall(r"(?:^|=)((?:examples|ds_configs|launch|benchmarks)/[\w./-]+)", tok):
             if not (ROOT / path).exists():
                 problems.append(f"`{name}`: {path} does not exist")

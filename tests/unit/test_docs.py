@@ -68,6 +68,7 @@ def test_every_ftl_command_in_the_docs_is_real():
     ("ftl train examples/default.yaml --set train.max_steps=0", "config does not resolve: train.max_steps must be positive"),
     ("ftl export runs/default --format onnx2 --out x", "--format onnx2"),
     ("ftl train examples/nope.yaml", "examples/nope.yaml does not exist"),
+    ("ftl eval runs/x --data examples/data/nope.jsonl", "examples/data/nope.jsonl does not exist"),
     ("ftl sweep examples/sweep.yaml --grid optim.lrr=1,2", "--grid optim.lrr: not a config key"),
     ("torchrun --nproc-per-node 2 -m engine.cli train examples/default.yaml --set optim.lrr=1", "optim.lrr"),
     ("deepspeed --num_gpus 2 $(which ftl) train examples/default.yaml --sett a.b=1", "no option --sett"),
@@ -79,6 +80,12 @@ def test_command_checker_catches(line, fragment):
     assert len(cmds) == 1
     problems = docs_check.command_problems(cmds[0])
     assert any(fragment in p for p in problems), problems
+
+
+def test_a_directory_a_command_writes_need_not_exist():
+    block = docs_check.Block(ROOT / "README.md", 1, "bash", ["ftl bench --preset gpt2-tiny --out benchmarks/out/new-dir"])
+    (cmd,) = docs_check.commands_in_block(block)
+    assert not docs_check.command_problems(cmd)
 
 
 def test_console_examples_of_bad_input_are_allowed_their_error():
