@@ -59,3 +59,10 @@ class Diverged(RunStopped):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
     exit_code = EXIT_DIVERGED
+
+
+class ExportMismatch(RunStopped, RuntimeError):
+    """The exported model, reloaded by plain transformers, does not reproduce the engine's logits. The run's
+    checkpoint is complete and kept; the message says what differed (exit code 1, a runtime failure)."""
+
+    exit_code = 1

@@ -42,14 +42,20 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine import losses
 
-# logits chunk budget for perf.ce_chunk_tokens=0: rows x padded vocab <= this many fp32 values (256 MiB)
-CHUNK_ELEMENTS = 1 << 26
+# logits chunk budget for perf.ce_chunk_tokens=0, per device: rows x padded vocab <= this many values. On the CPU
+# 2^26 (a 256 MiB fp32 block: the eager softmax passes stay cheap); on CUDA 2^28 (for GPT-2's 50304 rows, 5336
+# rows: 16k-token micro-batches in 4 chunks, each matmul large enough to run near the tensor-core peak, 0.5 GiB
+# of bf16 logits and as much gradient alive at a time).
+CHUNK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
+CHUNK_ROW_MULTIPLE = 64  # tensor-core friendly row counts
 
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
@@ -65,18 +71,131 @@ def configure(cfg, device: torch.device) -> None:
     """Process-wide switches, set once before the model is built; resolves train.precision=auto."""
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
-        mode = "tf32" if cfg.perf.tf32 else "ieee"
-        matmul = torch.backends.cuda.matmul
-        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-            matmul.fp32_precision = mode
-            torch.backends.cudnn.conv.fp32_precision = mode
-        else:
-            matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.perf.tf32
+        set_tf32(cfg.perf.tf32)
 
 
-def compile_options(perf) -> tuple[str, dict]:
+# TF32. torch >= 2.9 has two ways to say it: the legacy `torch.set_float32_matmul_precision` /
+# `cudnn.allow_tf32` and the per-backend `fp32_precision` attributes. Setting the new ones makes the legacy
+# getter `torch.get_float32_matmul_precision()` raise ("mix of the legacy and new APIs"), and inductor's
+# max-autotune calls that getter. The legacy setters update the new state consistently on every torch from
+# 1.12 to 2.13 (both getters answer afterwards), so the engine only ever uses them.
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor-core math for fp32 matmuls and convolutions on CUDA, on or off (process-wide)."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def tf32_state() -> tuple[str, bool]:
+    """The current TF32 settings, to restore later; readable even after someone used the new API."""
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through the new API by other code: read that instead
+        matmul = "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+    try:
+        conv = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        conv = torch.backends.cudnn.conv.fp32_precision == "tf32"
+    return matmul, conv
+
+
+def restore_tf32(state: tuple[str, bool]) -> None:
+    torch.set_float32_matmul_precision(state[0])
+    torch.backends.cudnn.allow_tf32 = state[1]
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off inside the block (logit checks compare true fp32 results), restored after."""
+    state = tf32_state()
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        restore_tf32(state)
+
+
+def resolve_compile(cfg, device: torch.device, log=print) -> bool:
+    """model.compile with auto decided: on for CUDA with DDP or ZeRO 0-2, off elsewhere (on the CPU compiling
+    costs more than it saves; ZeRO-3's parameter hooks are not proven under compile here). On when asked for,
+    unless inductor has no Triton to generate CUDA kernels with: then a message, and eager."""
+    want = cfg.model.compile
+    if want is None:
+        want = device.type == "cuda" and not (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage >= 3)
+    if want and device.type == "cuda" and cfg.perf.compile_backend == "inductor" and not _has_triton():
+        log("warning: model.compile: inductor needs Triton to generate CUDA kernels and it is not installed "
+            "(pip install triton); training without compilation")
+        return False
+    return bool(want)
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # very old torch: try the import itself
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return has_triton()
+
+
+def compile_options(perf) -> tuple[object, dict]:
     """(backend, torch.compile keyword arguments) for model.compile=true, shared by every backend."""
-    return perf.compile_backend, ({} if perf.compile_mode == "default" else {"mode": perf.compile_mode})
+    from engine import fault
+
+    backend = perf.compile_backend
+    if fault.planned("compile_fail", 0, 0) is not None:  # tests: a backend that fails like a broken toolchain
+        backend = _failing_compiler
+    return backend, ({} if perf.compile_mode == "default" else {"mode": perf.compile_mode})
+
+
+def _failing_compiler(graph_module, example_inputs):
+    raise RuntimeError("FTL_FAULT_INJECT compile_fail: the compiler backend failed")
+
+
+class CompiledOrEager:
+    """The compiled training forward, replaced for good by the eager one if compiling it fails.
+
+    torch.compile compiles lazily, at the first call, before any gradient or collective of that step
+    exists, so falling back there is safe: the same micro-batch runs again eagerly. A failure later (the
+    backward is compiled at the first backward) is not caught: it names model.compile in its message."""
+
+    def __init__(self, compiled, eager, undo=None, log=print):
+        self.compiled, self.eager, self.undo, self.log = compiled, eager, undo, log
+        self.checked = False
+
+    def __call__(self, *args, **kwargs):
+        if self.checked:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (whatever the compiler raised: eager is always right)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.log(f"warning: model.compile: compiling the training step failed ({type(e).__name__}: {first}); "
+                     f"continuing without compilation (set model.compile=false to skip the attempt)")
+            if self.undo is not None:
+                self.undo()
+            self.compiled = self.eager
+            out = self.eager(*args, **kwargs)
+        self.checked = True
+        return out
+
+    def __getattr__(self, name):  # no_sync(), module, ... of the wrapped model
+        return getattr(self.eager, name)
+
+
+def compile_report() -> str:
+    """What dynamo made of the training step so far: graphs and graph breaks (each break splits the step into
+    separately compiled pieces with Python in between; the fast path is meant to have none)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters.get("graph_break", {})
+    n_breaks = sum(breaks.values())
+    graphs = counters.get("stats", {}).get("unique_graphs", 0)
+    line = f"model.compile: the training step compiled into {graphs} graph(s) with {n_breaks} graph break(s)"
+    if n_breaks:
+        line += ": " + "; ".join(f"{reason} (x{n})" for reason, n in list(breaks.items())[:3])
+    return line
 
 
 def padded_size(vocab: int, multiple: int) -> int:
@@ -91,27 +210,41 @@ class LMHead(nn.Module):
     where nothing is predicted), chunked or plain as configured.
     """
 
-    def __init__(self, weight: nn.Parameter, vocab_size: int, chunked: bool = True, chunk_tokens: int = 0):
+    def __init__(self, weight: nn.Parameter, vocab_size: int, chunked: bool = True, chunk_tokens: int = 0,
+                 fused: bool = True):
         super().__init__()
         self.weight = weight
         self.vocab_size = vocab_size
         self.chunked = chunked
         self.chunk_tokens = chunk_tokens
+        self.fused = fused
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def chunk_rows(self) -> int:
-        return self.chunk_tokens or max(1, CHUNK_ELEMENTS // max(1, self.weight.shape[0]))
+    def chunk_rows(self, tokens: int | None = None, device: torch.device | None = None) -> int:
+        """Rows per chunk: perf.ce_chunk_tokens, else the device's budget (CHUNK_ELEMENTS) split evenly over
+        `tokens` rows (equal chunks: one compiled shape, no small remainder chunk)."""
+        if self.chunk_tokens:
+            return self.chunk_tokens
+        rows_of = self.weight.ds_shape[0] if hasattr(self.weight, "ds_shape") else self.weight.shape[0]
+        kind = (device or self.weight.device).type
+        budget = max(CHUNK_ROW_MULTIPLE, CHUNK_ELEMENTS.get(kind, CHUNK_ELEMENTS["cpu"]) // max(1, rows_of))
+        if tokens is None or tokens <= budget:
+            return budget if tokens is None else max(1, tokens)
+        chunks = -(-tokens // budget)
+        rows = -(-tokens // chunks)
+        return min(budget, -(-rows // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                label_smoothing: float = 0.0) -> torch.Tensor:
+                label_smoothing: float = 0.0, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return F.linear(hidden, self.weight)[..., : self.vocab_size]
         if self.chunked:
-            return losses.linear_cross_entropy_sum(hidden, self.weight, labels, self.vocab_size, self.chunk_rows(),
-                                                   label_smoothing)
+            rows = self.chunk_rows(labels.numel(), hidden.device)
+            return losses.linear_cross_entropy_sum(hidden, self.weight, labels, self.vocab_size, rows,
+                                                   label_smoothing, grad_scale, self.fused)
         logits = F.linear(hidden, self.weight)[..., : self.vocab_size]  # slicing drops padded columns
         if label_smoothing:
             return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=losses.IGNORE,
@@ -120,7 +253,7 @@ class LMHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"vocab={self.vocab_size}, padded={self.weight.shape[0]}, chunked={self.chunked}, "
-                f"chunk_tokens={self.chunk_tokens or 'auto'}")
+                f"chunk_tokens={self.chunk_tokens or 'auto'}, fused={self.fused}")
 
 
 def install_lm_head(hf_model: nn.Module, perf) -> None:
@@ -133,7 +266,8 @@ def install_lm_head(hf_model: nn.Module, perf) -> None:
         hf_model.resize_token_embeddings(real, pad_to_multiple_of=perf.pad_vocab_to, mean_resizing=False)
     hf_model.config.get_text_config().vocab_size = real
     hf_model.vocab_size = real
-    hf_model.lm_head = LMHead(hf_model.get_output_embeddings().weight, real, perf.chunked_ce, perf.ce_chunk_tokens)
+    hf_model.lm_head = LMHead(hf_model.get_output_embeddings().weight, real, perf.chunked_ce, perf.ce_chunk_tokens,
+                              perf.fused_loss)
 
 
 def padding_parameters(hf_model: nn.Module) -> int:
@@ -183,8 +317,20 @@ def causal_body(transformer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     hidden = transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
     for block in transformer.h:
-        hidden = block(hidden)
+        hidden = run_block(transformer, block, hidden)
     return transformer.ln_f(hidden)
+
+
+def run_block(transformer: nn.Module, block: nn.Module, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One GPT2Block as GPT2Model.forward runs it, on every supported transformers: 5.x blocks return the
+    hidden states and checkpoint themselves (GradientCheckpointingLayer); 4.x blocks return a tuple and
+    leave activation checkpointing to GPT2Model.forward, which this path skips, so it is done here."""
+    if (getattr(transformer, "gradient_checkpointing", False) and transformer.training
+            and not getattr(block, "gradient_checkpointing", False)):
+        out = transformer._gradient_checkpointing_func(block.__call__, hidden, **kwargs)
+    else:
+        out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def can_use_causal_body(hf_model: nn.Module, perf) -> bool:

@@ -41,7 +41,9 @@ class DDPBackend(Backend):
         # The DDP wrapper itself is compiled: dynamo's DDPOptimizer splits the graph at bucket boundaries
         # so gradient all-reduces still overlap the backward.
         backend, kwargs = fastpath.compile_options(self.cfg.perf)
-        self._wrapped = torch.compile(self._wrapped, backend=backend, **kwargs)
+        eager = self._wrapped
+        log = print if self.env.is_main else (lambda *a, **k: None)
+        self._wrapped = fastpath.CompiledOrEager(torch.compile(eager, backend=backend, **kwargs), eager, log=log)
 
     @property
     def model(self) -> nn.Module:
@@ -58,6 +60,13 @@ class DDPBackend(Backend):
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def forward_extras(self, local_count: torch.Tensor) -> dict:
+        if self.scaler is None or self.cfg.model.head != "lm":
+            return {}
+        # the scaler's current scale as a device tensor (get_scale() would read it back: a host sync)
+        scale = self.scaler._scale if self.scaler._scale is not None else self.scaler._init_scale
+        return {"grad_scale": scale / local_count.clamp(min=1.0)}
 
     def step(self, lr: float, clip: float) -> torch.Tensor:
         set_lr(self.optimizer, lr)
