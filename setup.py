@@ -10,10 +10,14 @@ setup(
     python_requires=">=3.10",
     # torch keeps only a lower bound: CPU machines install the local CPU wheel first
     # (pip install torch==2.13.0), GPU machines keep the CUDA build they already have.
+    # Training floors (tests/unit/test_gpu_readiness.py): torch 2.6 for get_total_norm/clip_grads_with_norm_;
+    # transformers 4.57 is the oldest the fast path was run on (its GPT2Block returns a tuple); DeepSpeed 0.19.8
+    # is the one whose bf16 fp32-gradient-accumulation support per ZeRO stage was read and tested
+    # (backends/ds_config.py). Which transformers must LOAD an export is a separate, wider range.
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.46",
-        "deepspeed>=0.15",
+        "torch>=2.6",
+        "transformers>=4.57",
+        "deepspeed>=0.19.8",
         "datasets>=3.0",
         "tokenizers>=0.20",
         "tensorboard>=2.15",
