@@ -414,8 +414,8 @@ def measure_torch(point: Point, opts: Options, env, facts: dict) -> dict:
     if env.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if point.compile:
-        wrapped = torch.compile(wrapped)
+    if point.compile:  # the compiler backend ours uses (perf.compile_backend), so the two compare like with like
+        wrapped = torch.compile(wrapped, backend=facts["cfg"].perf.compile_backend)
     cuda = env.device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
                             fused=True if cuda else None)
@@ -862,13 +862,14 @@ def memory_table(presets: list[str], world: int, gpu_gib: float, vocab: int = 50
 
 
 def find_max_micro_batch(presets: list[str], backends: list[str], seq_len: int, opts: Options,
-                         limit: int = 1024) -> list[dict]:
-    """On CUDA: the largest power-of-two micro-batch that trains (3 steps) per preset and backend."""
+                         limit: int = 1024, start: int = 1) -> list[dict]:
+    """The largest power-of-two micro-batch (from `start` up to `limit`) that trains 3 eager steps, per preset
+    and backend: on CUDA the first out-of-memory ends the search (the previous size is the answer, with its
+    peak memory). On the CPU nothing runs out of memory and the search stops at `limit` (gpu_check.sh's
+    --dry-run). Any other failure is recorded with the size it happened at."""
     from engine import dist
 
     env = dist.init("auto")
-    if env.device.type != "cuda":
-        raise UsageError("--find-max-micro-batch measures GPU memory; it needs a CUDA device")
     opts.out.mkdir(parents=True, exist_ok=True)
     cache = opts.out / "_data"
     make_tokenizer(opts.vocab, cache / f"tokenizer-{opts.vocab}")
@@ -876,20 +877,31 @@ def find_max_micro_batch(presets: list[str], backends: list[str], seq_len: int, 
     rows = []
     for preset in presets:
         for backend in backends:
-            best, mb = None, 1
+            best, mb, stopped = None, max(1, start), "limit"
             while mb <= limit:
                 point = Point(preset, backend, mb, seq_len, False)
                 corpus = make_corpus(cache / f"random-{opts.vocab}.jsonl", opts.vocab,
                                      needed_tokens([point], probe, env.world_size))
                 try:
-                    result, _ = measure_ours(point, probe, env, corpus, cache / f"tokenizer-{opts.vocab}")
+                    with isolated_settings():
+                        result, _ = measure_ours(point, probe, env, corpus, cache / f"tokenizer-{opts.vocab}")
                 except torch.cuda.OutOfMemoryError:
                     _reset_memory(env.device)
+                    stopped = f"out of memory at {mb}"
+                    break
+                except UsageError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    _reset_memory(env.device)
+                    stopped = f"{type(e).__name__} at {mb}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                     break
                 best = {"preset": preset, "backend": backend, "seq_len": seq_len, "micro_batch": mb,
                         "peak_gpu_mib": result["peak_gpu_mib"], "tokens_per_s": result["tokens_per_s"]}
                 mb *= 2
-            rows.append(best or {"preset": preset, "backend": backend, "seq_len": seq_len, "micro_batch": 0})
+            row = best or {"preset": preset, "backend": backend, "seq_len": seq_len, "micro_batch": 0}
+            row["stopped"] = stopped
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
-    (opts.out / "max_micro_batch.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+            (opts.out / "max_micro_batch.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    dist.shutdown()
     return rows

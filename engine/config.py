@@ -257,7 +257,9 @@ class DistConfig:
     timeout_s: int = opt(1800, "Collective timeout in seconds at start-up, in the first step, evaluation and checkpoint "
                                "saves (dist.step_timeout_s applies to the other steps).")
     step_timeout_s: int = opt(600, "Collective timeout in seconds once the first step has completed: a rank waiting "
-                                   "longer for its peers raises an error instead of hanging.")
+                                   "longer for its peers raises an error instead of hanging. With the watchdog on, "
+                                   "every collective timeout is at least the watchdog's deadline + 60 s (on every "
+                                   "process group), so the watchdog's stack dump and exit code 4 come first.")
     watchdog_s: int = opt(1200, "A training step running longer than this makes the rank write every thread's stack to "
                                 "<run dir>/hang-rank<R>.txt and exit with code 4 (0 disables). The first step, "
                                 "evaluation and checkpoint saves get dist.timeout_s.")

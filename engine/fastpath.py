@@ -1,7 +1,7 @@
 """The fast path: what the training forward does differently from stock transformers, and why.
 
 Every piece is switchable from the `perf` config section (and `train.precision`, `model.compile`,
-`model.gradient_checkpointing`, `optim.fused`); README "Performance" lists them with their defaults.
+`model.gradient_checkpointing`, `optim.fused`); docs/performance.md lists them with their defaults.
 
 1. Padded vocabulary. The tied embedding / LM head is padded to a multiple of `perf.pad_vocab_to`
    rows (GPT-2's 50257 -> 50304), so the largest matmul of the model has tensor-core friendly shapes.
@@ -36,8 +36,13 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
    forward + backward, max difference 2.4e-7 in fp32). Exports are unaffected (no weights change, the
    config still says gelu_new); compiled runs fuse either.
 
-5. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
-   GPU that supports it (fp32 elsewhere).
+5. `configure()`: TF32 matmuls for fp32 on CUDA (through the legacy API: see `set_tf32`), and
+   `train.precision=auto` resolved to bf16 on a GPU that supports it (fp32 elsewhere).
+
+6. Compilation. `resolve_compile()`: model.compile=auto is on for CUDA (DDP, ZeRO 0-2); `CompiledOrEager`
+   falls back to eager with a message if compiling the step fails; `compile_report()` states the graphs
+   and graph breaks after the first step. The chunked loss's per-chunk work is compiled on its own on CUDA
+   (perf.fused_loss, losses.py) so eager runs get fused kernels for it too.
 """
 
 from __future__ import annotations
@@ -115,13 +120,15 @@ def exact_fp32():
         restore_tf32(state)
 
 
-def resolve_compile(cfg, device: torch.device, log=print) -> bool:
-    """model.compile with auto decided: on for CUDA with DDP or ZeRO 0-2, off elsewhere (on the CPU compiling
-    costs more than it saves; ZeRO-3's parameter hooks are not proven under compile here). On when asked for,
-    unless inductor has no Triton to generate CUDA kernels with: then a message, and eager."""
+def resolve_compile(cfg, device: torch.device, log=print, supported: bool = True) -> bool:
+    """model.compile with auto decided: on for CUDA with DDP or ZeRO 0-2 (`supported`: the backend can
+    compile at all), off elsewhere (on the CPU compiling costs more than it saves; ZeRO-3's parameter hooks
+    are not proven under compile here). On when asked for, unless inductor has no Triton to generate CUDA
+    kernels with: then a message, and eager."""
     want = cfg.model.compile
     if want is None:
-        want = device.type == "cuda" and not (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage >= 3)
+        want = (supported and device.type == "cuda"
+                and not (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage >= 3))
     if want and device.type == "cuda" and cfg.perf.compile_backend == "inductor" and not _has_triton():
         log("warning: model.compile: inductor needs Triton to generate CUDA kernels and it is not installed "
             "(pip install triton); training without compilation")
@@ -182,6 +189,13 @@ class CompiledOrEager:
 
     def __getattr__(self, name):  # no_sync(), module, ... of the wrapped model
         return getattr(self.eager, name)
+
+
+def start_compile_report() -> None:
+    """Forget what dynamo compiled before (its counters are per process), so the report covers this run."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
 
 
 def compile_report() -> str:

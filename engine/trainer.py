@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ class Trainer:
         self.log = print if self.env.is_main else (lambda *a, **k: None)
         fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
-        cfg.model.compile = fastpath.resolve_compile(cfg, self.env.device, self.log)  # auto -> on/off, recorded
+        warn = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
+        compiles = type(self.backend).compile is not backends.Backend.compile  # the backend implements it
+        cfg.model.compile = fastpath.resolve_compile(cfg, self.env.device, warn, compiles)  # auto -> on/off
 
         # 1. Decide whether to resume (before anything is written) and validate data + model.
         self.resume_from = self._resume_target()
@@ -76,6 +79,7 @@ class Trainer:
         self.trainable = transfer.trainable_summary(module)  # before a backend shards the parameters
         self.backend.setup(module, transfer.param_groups(module, cfg))
         if cfg.model.compile:
+            fastpath.start_compile_report()
             self.backend.compile()  # lazily: the first step compiles (and falls back to eager if that fails)
         seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1))
 

@@ -32,6 +32,11 @@ VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
 GPU_ENV = {"CUDA_VISIBLE_DEVICES": VISIBLE_GPUS, "DS_ACCELERATOR": "cuda"}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_heavy: a GPU test whose measurement benchmarks/gpu_check.sh makes in "
+                                       "its own sections (or that builds DeepSpeed ops): deselected there")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _datasets_cache(tmp_path_factory):
     """One datasets cache for the session (tokenization is cached across tests), not the user's."""
@@ -80,6 +85,15 @@ def tiny_overrides(run_dir: Path, **extra) -> list[str]:
     for k, v in base.items():
         out += ["--set", f"{k}={v}"]
     return out
+
+
+def gpu_overrides(run_dir: Path, **extra) -> list[str]:
+    """tiny_overrides on the GPU (tests/gpu): pass GPU_ENV to the subprocess as well."""
+    return tiny_overrides(run_dir, **{"train.device": "cuda", **extra})
+
+
+def gpu_config(run_dir: Path, **extra):
+    return tiny_config(run_dir, **{"train.device": "cuda", **extra})
 
 
 def tiny_config(run_dir: Path, **extra):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from pathlib import Path
 
 import torch
@@ -38,12 +39,23 @@ class DDPBackend(Backend):
         self._first_step_grads: int | None = None
 
     def compile(self) -> None:
-        # The DDP wrapper itself is compiled: dynamo's DDPOptimizer splits the graph at bucket boundaries
-        # so gradient all-reduces still overlap the backward.
+        # The module inside the DDP wrapper is compiled, not the wrapper: DDP's own forward (its logging, its
+        # bucket bookkeeping) would be a graph break each step, and dynamo's DDPOptimizer still splits the
+        # module's graph at DDP's bucket boundaries (it sees the active DDP module), so gradient all-reduces
+        # still overlap the backward. Evaluation keeps calling the eager module (backend.module).
         backend, kwargs = fastpath.compile_options(self.cfg.perf)
-        eager = self._wrapped
-        log = print if self.env.is_main else (lambda *a, **k: None)
-        self._wrapped = fastpath.CompiledOrEager(torch.compile(eager, backend=backend, **kwargs), eager, log=log)
+        compiled = torch.compile(self._module, backend=backend, **kwargs)
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
+        if self.env.distributed:
+            ddp = self._wrapped
+            ddp.module = compiled  # same parameters: the reducer built in setup() stays valid
+
+            def undo():
+                ddp.module = self._module
+
+            self._wrapped = fastpath.CompiledOrEager(ddp, ddp, undo, log)
+        else:
+            self._wrapped = fastpath.CompiledOrEager(compiled, self._module, log=log)
 
     @property
     def model(self) -> nn.Module:

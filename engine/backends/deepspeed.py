@@ -204,9 +204,27 @@ class DeepSpeedBackend(Backend):
         if self.stage == 3:
             skip_backward_gather(module)
         self._clip = float(ds.get("gradient_clipping", 0.0))
-        # ZeRO and DeepSpeed's 16-bit optimizers compute the global norm; with stage 0 in fp32 the torch
-        # optimizer steps directly and nobody does, so it is computed here.
-        self._norm_here = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        # ZeRO and DeepSpeed's 16-bit optimizers (BF16_Optimizer, FP16_Optimizer: DeepSpeedOptimizer subclasses)
+        # compute the global norm over the gradients they accumulated; with stage 0 in fp32 the torch optimizer
+        # steps directly and nobody does, so it is computed here. (Asking whether the optimizer has a
+        # `_global_grad_norm` yet is not the same question: BF16_Optimizer sets it at its first step.)
+        from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+        self._norm_here = not isinstance(self.engine.optimizer, DeepSpeedOptimizer)
+        if self.env.is_main:
+            print(self.describe(), flush=True)
+
+    def describe(self) -> str:
+        """What DeepSpeed really built: its optimizer wrapper, the optimizer under it, and the dtypes gradients
+        are accumulated and reduced in (printed at start: the resolved JSON says what was asked for)."""
+        opt = self.engine.optimizer
+        base = getattr(self.engine, "basic_optimizer", None) or getattr(opt, "optimizer", None)
+        accum = (getattr(opt, "gradient_accumulation_dtype", None) or getattr(opt, "grad_acc_dtype", None)
+                 or self.param_dtype)
+        reduce = self.engine.communication_data_type
+        name = lambda dt: str(dt).removeprefix("torch.")  # noqa: E731
+        return (f"deepspeed: ZeRO stage {self.stage}, {type(opt).__name__} over {type(base).__name__}, parameters "
+                f"{name(self.param_dtype)}, gradients accumulated in {name(accum)} and reduced in {name(reduce)}")
 
     def _client_optimizer(self, param_groups: list[dict]) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -233,7 +251,7 @@ class DeepSpeedBackend(Backend):
             self.engine.module._compiled_call_impl = None
             self.engine._is_compiled = False
 
-        log = print if self.env.is_main else (lambda *a, **k: None)
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
         self._call = fastpath.CompiledOrEager(self.engine, self.engine, undo, log)
 
     # --- the step -----------------------------------------------------------------------------------------

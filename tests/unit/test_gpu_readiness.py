@@ -443,3 +443,31 @@ def test_zero3_construction_initializes_like_ddp_on_any_device(prepared, head):
     for name, p in other.named_parameters():
         assert torch.equal(p.detach().float(), expected[name].detach()), name
     assert torch.equal(torch.get_rng_state(), after)
+
+
+# ------------------------------------------------------------------------------------- bench honesty
+
+def test_bench_isolates_each_implementations_settings_and_reports_a_failed_point(tf32_restored):
+    """`--ablate`'s TF32-off (ours-plain, configured on a CUDA device) must not leak into the baselines measured
+    after it; an implementation that fails (a DeepSpeed op that does not build) is recorded as failed and the
+    grid goes on; a usage error still exits 2."""
+    from engine import bench
+
+    env = DistEnv()
+    row = {"label": "gpt2 ddp mb16x1 T1024", "results": {}, "skipped": {}, "failed": {}}
+    fastpath.set_tf32(True)
+    plain = load_config(None, ["train.precision=fp32", "perf.tf32=false"])
+    bench._attempt(row, "ours-plain", env, lambda: fastpath.configure(plain, torch.device("cuda")))
+    assert torch.get_float32_matmul_precision() == "high"  # restored for the next implementation
+
+    def build_fails():
+        raise RuntimeError("Error building extension 'fused_adam'\nninja: build stopped")
+
+    assert bench._attempt(row, "hf", env, build_fails) is None
+    assert row["failed"] == {"hf": "RuntimeError: Error building extension 'fused_adam'"}
+    row["results"]["ours"] = {"tokens_per_s": 1.0, "mfu": None, "step_time_ms": 1.0, "peak_gpu_mib": None,
+                              "rss_mib": 1.0}
+    text = bench.table({"points": [row]})
+    assert "FAILED (1)" in text and "hf failed: RuntimeError: Error building extension 'fused_adam'" in text
+    with pytest.raises(UsageError):
+        bench._attempt(row, "ours", env, lambda: load_config(None, ["train.micro_batch=0"]))
