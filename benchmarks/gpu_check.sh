@@ -10,9 +10,10 @@
 #
 #   setup       python, torch, CUDA, GPU; deepspeed and datasets installed from ./.whl (what
 #               ../shared/device/prepare.sh puts there) when the image lacks them
-#   point124m   GPT-2 124M, T=1024, bf16: ours compiled vs the plain PyTorch loop compiled (+ a profile of the
-#               faster point with its host syncs per step)
-#   eager124m   the same point eager: ours vs Hugging Face Trainer
+#   point124m   GPT-2 124M, T=1024, micro-batch 16, bf16: ours compiled (the default on CUDA), with a profile
+#               and its host syncs per step
+#   eager124m   the same point eager: ours vs the plain PyTorch loop vs Hugging Face Trainer (a compiled
+#               baseline would cost another compilation: the budget has no room for it)
 #   zero2       DeepSpeed ZeRO-2 on one GPU (bf16, fp32 gradient accumulation), with its host syncs per step
 #   maxbatch    the largest micro-batch of 124M at T=1024 that trains (eager)
 #   tests       tests/gpu without the tests the sections above already measure (marker gpu_heavy)
@@ -124,10 +125,6 @@ EOF
 }
 
 export GPU_CHECK_OUT="$out"
-if [[ -d /tmp/ftl-gpu-check-site ]] || [[ -d "$repo/.whl" ]]; then
-  export PYTHONPATH="$PYTHONPATH:/tmp/ftl-gpu-check-site"
-fi
-
 if [[ $dry_run == 1 ]]; then
   # the same sections at toy sizes on the CPU
   slack=${GPU_CHECK_SLACK:-3}
@@ -138,26 +135,42 @@ if [[ $dry_run == 1 ]]; then
   export CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
   compile_backend=(--set perf.compile_backend=aot_eager)
 else
-  model=(--preset gpt2 --seq-len 1024 --steps 20 --warmup 5)
+  model=(--preset gpt2 --seq-len 1024 --steps 10 --warmup 3)
   mb=16
-  maxbatch_range="32,512"
+  maxbatch_range="64,512"
   compile_backend=()
 fi
 
 export -f setup
 export python repo
 section setup 60 20 bash -c setup
-export PYTHONPATH="$PYTHONPATH:/tmp/ftl-gpu-check-site"
-section point124m 110 60 "$python" -m engine.cli bench "${model[@]}" --micro-batch "$mb" --compile on --baselines torch --profile \
-  "${compile_backend[@]}" --out "$out/point124m"
-section eager124m 60 30 "$python" -m engine.cli bench "${model[@]}" --micro-batch "$mb" --compile off --baselines hf --out "$out/eager124m"
-section zero2 60 30 "$python" -m engine.cli bench "${model[@]}" --micro-batch "$mb" --compile off --backend zero2 --baselines none \
-  --profile --out "$out/zero2"
-section maxbatch 60 30 "$python" -m engine.cli bench "${model[@]}" --find-max-micro-batch --mb-range "$maxbatch_range" --out "$out/maxbatch"
+export PYTHONPATH="$repo:/tmp/ftl-gpu-check-site:$PYTHONPATH"  # the wheels first, as prepare.sh says
+# ours compiled (the default on CUDA), with a profile of it and its host syncs per step
+section point124m 120 60 "$python" -m engine.cli bench "${model[@]}" --micro-batch "$mb" --compile on \
+  --baselines none --profile "${compile_backend[@]}" --out "$out/point124m"
+# the same point eager: ours, the plain PyTorch loop, Hugging Face Trainer
+section eager124m 60 30 "$python" -m engine.cli bench "${model[@]}" --micro-batch "$mb" --compile off \
+  --baselines torch,hf --out "$out/eager124m"
+section zero2 50 30 "$python" -m engine.cli bench "${model[@]}" --micro-batch "$mb" --compile off --backend zero2 \
+  --baselines none --profile --out "$out/zero2"
+section maxbatch 45 25 "$python" -m engine.cli bench "${model[@]}" --find-max-micro-batch --mb-range "$maxbatch_range" \
+  --out "$out/maxbatch"
+# tests/gpu, most telling first (the sections above already measure the gpu_heavy ones)
+gpu_tests=(
+  tests/gpu/test_fastpath_gpu.py::test_fused_chunked_loss_equals_the_plain_loss_on_gpu
+  tests/gpu/test_fastpath_gpu.py::test_train_step_never_waits_on_the_host
+  tests/gpu/test_fastpath_gpu.py::test_a_default_gpu_run_compiles_without_graph_breaks_and_passes_its_export_check
+  tests/gpu/test_deepspeed_gpu.py::test_bf16_zero_on_one_gpu
+  tests/gpu/test_fastpath_gpu.py::test_tf32_getters_and_the_deferred_final_step_on_gpu
+  tests/gpu/test_gpu_smoke.py
+  tests/gpu/test_fault_gpu.py
+  tests/gpu/test_gpu_finetune.py
+  tests/gpu/test_fastpath_gpu.py::test_inductor_compile_matches_eager_on_gpu
+)
 if [[ $dry_run == 1 ]]; then
-  section tests 60 10 "$python" -m pytest -q -p no:cacheprovider tests/gpu -m "not gpu_heavy" --co
+  section tests 60 10 "$python" -m pytest -q -p no:cacheprovider "${gpu_tests[@]}" -m "not gpu_heavy" --co
 else
-  section tests 90 30 "$python" -m pytest -v -p no:cacheprovider tests/gpu -m "not gpu_heavy" \
+  section tests 90 20 "$python" -m pytest -v -p no:cacheprovider "${gpu_tests[@]}" -m "not gpu_heavy" \
     --basetemp "$out/pytest"
 fi
 section report 30 5 "$python" "$here/gpu_check_report.py" "$out"

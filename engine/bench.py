@@ -874,14 +874,15 @@ def find_max_micro_batch(presets: list[str], backends: list[str], seq_len: int, 
     cache = opts.out / "_data"
     make_tokenizer(opts.vocab, cache / f"tokenizer-{opts.vocab}")
     probe = Options(**{**asdict(opts), "steps": 2, "warmup": 1, "baselines": (), "ablate": False})
+    # one corpus, large enough for the largest size, tokenized once (every trial reads the same cached data)
+    corpus = make_corpus(cache / f"random-{opts.vocab}.jsonl", opts.vocab,
+                         needed_tokens([Point(presets[0], backends[0], limit, seq_len, False)], probe, env.world_size))
     rows = []
     for preset in presets:
         for backend in backends:
             best, mb, stopped = None, max(1, start), "limit"
             while mb <= limit:
                 point = Point(preset, backend, mb, seq_len, False)
-                corpus = make_corpus(cache / f"random-{opts.vocab}.jsonl", opts.vocab,
-                                     needed_tokens([point], probe, env.world_size))
                 try:
                     with isolated_settings():
                         result, _ = measure_ours(point, probe, env, corpus, cache / f"tokenizer-{opts.vocab}")

@@ -77,6 +77,7 @@ def configure(cfg, device: torch.device) -> None:
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         set_tf32(cfg.perf.tf32)
+        losses.probe_fp32_accumulation(device)  # the chunked loss's fp32-output GEMM, if this torch has it
 
 
 # TF32. torch >= 2.9 has two ways to say it: the legacy `torch.set_float32_matmul_precision` /

@@ -182,27 +182,35 @@ class _FallbackOnFailure:
             return _softmax_xent(*args)
 
 
-_ADDMM_OUT_DTYPE: dict = {}  # device type -> whether torch.addmm(..., out_dtype=float32) works there
+# torch >= 2.8 has addmm with an fp32 output for 16-bit operands (cuBLAS, CUDA only). Whether it runs here is
+# found out once, eagerly, by `probe_fp32_accumulation` (fastpath.configure calls it for the run's device):
+# probing inside a compiled model would trace a try/except. Until then the operands are upcast (slower, exact).
+ADDMM_OUT_DTYPE = False
+
+
+def probe_fp32_accumulation(device: torch.device) -> bool:
+    """Try the fp32-output addmm on `device` once; sets ADDMM_OUT_DTYPE."""
+    global ADDMM_OUT_DTYPE
+    if device.type != "cuda" or "dtype" not in torch.ops.aten.addmm.overloads():
+        return ADDMM_OUT_DTYPE
+    try:
+        a = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
+        out = torch.addmm(torch.ones(8, 8, device=device), a, a, out_dtype=torch.float32)
+        ADDMM_OUT_DTYPE = out.dtype == torch.float32 and bool((out == 9).all())
+    except Exception:  # noqa: BLE001  (no such kernel, no CUDA at all: the upcast path)
+        ADDMM_OUT_DTYPE = False
+    return ADDMM_OUT_DTYPE
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc + a @ b with the product accumulated in fp32, for 16-bit a and b: the fp32 sum over chunks never
-    holds a chunk's product rounded to 16 bits. On CUDA one cuBLAS call with an fp32 output (torch >= 2.8's
-    `out_dtype`), elsewhere (CPU, older torch) the operands are upcast first. Returns the new accumulator."""
+    holds a chunk's product rounded to 16 bits. On CUDA one cuBLAS call with an fp32 output (`out_dtype`); on
+    the CPU the operands are upcast first. A CUDA torch without `out_dtype` (< 2.8) adds the 16-bit product
+    (upcasting a [vocab x chunk] gradient there would cost a GiB and an fp32 GEMM). Returns the accumulator."""
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
-    dev = a.device.type
-    if dev == "cuda":
-        ok = _ADDMM_OUT_DTYPE.get(dev)
-        if ok is None:
-            try:
-                torch.addmm(acc[:1, :1].clone(), a[:1, :1], b[:1, :1], out_dtype=torch.float32)
-                ok = True
-            except (TypeError, RuntimeError):
-                ok = False
-            _ADDMM_OUT_DTYPE[dev] = ok
-        if ok:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    if a.device.type == "cuda":
+        return torch.addmm(acc, a, b, out_dtype=torch.float32) if ADDMM_OUT_DTYPE else acc.add_(torch.mm(a, b))
     return acc.addmm_(a.float(), b.float())
 
 

@@ -45,7 +45,7 @@ def test_the_guard_and_the_fused_skip_add_no_host_sync(tmp_path, monkeypatch):
     try:
         for step in range(1, 5):
             guard.step_begins(step)
-            guard.all_reduce_count(count)
+            guard.all_reduce_count(count).wait()
             loss = model(x).square().sum() * (poison if step == 2 else one)
             fault.nan_if_nonfinite(loss).backward()
             norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=True)

@@ -157,6 +157,17 @@ def test_a_failing_prefetch_thread_fails_the_loop_at_once(prepared, monkeypatch)
     thread = batches._thread
     batches.close()
     assert not thread.is_alive()
+    # a healthy thread, blocked on a full queue: close() returns only once it has ended
+    monkeypatch.setattr(data.TrainBatches, "micro_batches", real)
+    batches = data.TrainBatches(prepared, layout, 0, torch.device("cpu"))
+    batches._prefetch = 2
+    batches.next()
+    deadline = time.monotonic() + 30
+    while batches._q.qsize() < 2 and time.monotonic() < deadline:  # the queue fills up: the worker waits in put()
+        time.sleep(0.01)
+    thread = batches._thread
+    batches.close()
+    assert not thread.is_alive()
 
 
 # ------------------------------------------------------------------------------ transformers 4.x blocks
