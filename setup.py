@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+# The transformers ranges (training vs loading an export) live in engine/compat.py, read here without
+# importing the engine (it needs torch).
+compat: dict = {"__name__": "engine.compat"}
+exec(open("engine/compat.py", encoding="utf-8").read(), compat)
+
 setup(
     name="ftl-engine",
     version="0.1.0",
@@ -11,12 +16,11 @@ setup(
     # torch keeps only a lower bound: CPU machines install the local CPU wheel first
     # (pip install torch==2.13.0), GPU machines keep the CUDA build they already have.
     # Training floors (tests/unit/test_gpu_readiness.py): torch 2.6 for get_total_norm/clip_grads_with_norm_;
-    # transformers 4.57 is the oldest the fast path was run on (its GPT2Block returns a tuple); DeepSpeed 0.19.8
-    # is the one whose bf16 fp32-gradient-accumulation support per ZeRO stage was read and tested
-    # (backends/ds_config.py). Which transformers must LOAD an export is a separate, wider range.
+    # transformers: engine/compat.py's TRANSFORMERS_TRAIN; DeepSpeed 0.19.8 is the one whose bf16
+    # fp32-gradient-accumulation support per ZeRO stage was read and tested (backends/ds_config.py).
     install_requires=[
         "torch>=2.6",
-        "transformers>=4.57",
+        compat["TRANSFORMERS_TRAIN"],  # exports load with compat["TRANSFORMERS_EXPORT"] (a wider range)
         "deepspeed>=0.19.8",
         "datasets>=3.0",
         "tokenizers>=0.20",
@@ -37,8 +41,14 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13"],
+        # the test suite exercises the trackers for real (MLflow's SQLite store, W&B offline) and drives
+        # `ftl serve`'s OpenAI-compatible endpoints with the official openai client
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "mlflow-skinny>=2.16", "sqlalchemy>=2.0",
+                 "alembic>=1.13", "wandb>=0.19", "openai>=1.40"],
         "lora": ["peft>=0.13"],  # model.lora_rank
+        # run.report_to: mlflow (the client, and what its default SQLite store needs), wandb
+        "mlflow": ["mlflow-skinny>=2.16", "sqlalchemy>=2.0", "alembic>=1.13"],
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={"console_scripts": ["ftl=engine.cli:main"]},
     # `ftl slurm` fills these templates; a non-editable install finds them under <prefix>/share.

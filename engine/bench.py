@@ -504,6 +504,7 @@ def _checkpointing_argument(on: bool) -> dict:
 def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
     """Hugging Face Trainer on the same model, tokens, batch and precision (+ DeepSpeed for ZeRO rows)."""
     from transformers import Trainer as HFTrainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     _reset_memory(env.device)
     steps = opts.warmup + opts.steps
@@ -539,8 +540,11 @@ def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
     model = _baseline_model(facts, env)
     trainer = HFTrainer(model=model, args=args, train_dataset=_TokenRows(facts["data"].train, point.seq_len),
                         callbacks=[Timing()])
+    # With disable_tqdm the Trainer prints every log dict (its end-of-training summary included) through
+    # PrinterCallback: not part of the benchmark's report.
+    trainer.remove_callback(PrinterCallback)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its own summary line
+        with contextlib.redirect_stdout(sys.stderr):  # anything else it prints stays off the table's stream
             out = trainer.train()
         durations = clock.durations()
         tokens = env.world_size * point.micro_batch * point.grad_accum * point.seq_len
@@ -683,7 +687,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(report: dict, markdown: bool = False) -> str:
-    head = ["point", "impl", "tokens/s", "MFU", "step ms", "peak GPU MiB", "peak RSS MiB", "ours / impl"]
+    head = ["point", "impl", "tokens/s", "MFU", "step ms min/median/max", "peak GPU MiB", "peak RSS MiB", "ours / impl"]
     rows, notes = [], []
     for row in report["points"]:
         for impl in IMPLS:
@@ -698,7 +702,8 @@ def table(report: dict, markdown: bool = False) -> str:
             ratio = row.get("ratio", {}).get(impl)
             rows.append([row["label"], impl, _fmt(r["tokens_per_s"], ",.0f"),
                          _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
-                         _fmt(r["step_time_ms"], ".1f"), _fmt(r["peak_gpu_mib"], ",.0f"),
+                         "/".join(_fmt(r.get(k), ".1f") for k in ("step_time_ms_min", "step_time_ms", "step_time_ms_max")),
+                         _fmt(r["peak_gpu_mib"], ",.0f"),
                          _fmt(r.get("rss_peak_mib") or r["rss_mib"], ",.0f"),
                          "1.00" if impl == "ours" else _fmt(ratio, ".2f")])
     notes = [f"({i}) {n}" for i, n in enumerate(notes, 1)]

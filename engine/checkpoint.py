@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import dist, fastpath, fault
+from engine import compat, dist, fastpath, fault
 
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
@@ -219,8 +219,10 @@ class Checkpointer:
         return state
 
 
-def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, label_names: list[str] | None = None) -> None:
-    """Write a plain transformers model directory (safetensors + tokenizer) from full weights (rank 0)."""
+def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, label_names: list[str] | None = None,
+              extras=None) -> None:
+    """Write a plain transformers model directory (safetensors + tokenizer) from full weights (rank 0);
+    `extras(dir)` adds files before the directory appears (a LoRA run's adapter/)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = hf_config.__class__.from_dict(hf_config.to_dict())
@@ -240,13 +242,21 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
         model = auto.from_config(cfg)
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
+    if head == "lm":  # plain `generate` stops where the engine does: EOS and a chat template's end-of-turn marker
+        from engine.sft import end_of_turn_ids
+
+        stop = end_of_turn_ids(tokenizer)
+        if len(stop) > 1:
+            model.generation_config.eos_token_id = stop
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"export is missing weights for {missing[:5]}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    compat.save_tokenizer(tokenizer, tmp, cfg.n_positions)  # loadable by every transformers >= 4.57
+    if extras is not None:
+        extras(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

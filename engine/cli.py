@@ -114,7 +114,8 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
 
     problems: list[str] = []
     try:
-        load_config(config, overrides)  # fail here, once, rather than in every rank
+        cfg = load_config(config, overrides)  # fail here, once, rather than in every rank
+        _warn_launcher_backend(launcher, cfg)
     except UsageError as e:
         problems += e.problems
     train_args = ([config] if config else []) + [a for o in overrides for a in ("--set", o)]
@@ -129,11 +130,22 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
     sys.exit(launch_lib.run(plan))
 
 
+def _warn_launcher_backend(launcher: str, cfg) -> None:
+    """The deepspeed launcher only starts processes; what trains is dist.backend. DDP under it works (a hostfile
+    launch without torchrun's rendezvous), so this is a warning, not a refusal, but rarely what was meant."""
+    if launcher == "deepspeed" and cfg.dist.backend != "deepspeed":
+        click.echo(f"warning: --launcher deepspeed only starts the ranks; dist.backend={cfg.dist.backend} trains with "
+                   f"{cfg.dist.backend.upper()}, not DeepSpeed ZeRO. For ZeRO add --set dist.backend=deepspeed (and "
+                   f"dist.zero_stage=N); for {cfg.dist.backend.upper()} the usual launcher is --launcher torchrun.",
+                   err=True)
+
+
 # ------------------------------------------------------------------------------------------- eval
 
 @cli.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", "source", required=True, help="Data source (same forms as data.source).")
+@click.option("--data", "source", default=None,
+              help="Data source (same forms as data.source); default: the run's own (its config.yaml's data.source).")
 @click.option("--split", type=click.Choice(["validation", "train"]), default="validation", show_default=True,
               help="Split to evaluate (a source without one is split by data.val_fraction).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per sample (default: the run's).")
@@ -144,18 +156,31 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
 @click.option("--stride", type=click.IntRange(min=0), default=None,
               help="LM: also score whole documents with sliding windows of --seq-len tokens this far apart "
                    "(default: the run's eval.stride; 0: off).")
+@click.option("--format", "data_format", type=click.Choice(["text", "prompt_completion", "chat"]), default=None,
+              help="How to read the data (default: the run's data.format, else text): prompt_completion and chat "
+                   "report the loss and perplexity of the completions only (the chat template: the model's own).")
+@click.option("--prompt-column", default=None, help="prompt_completion: prompt column (default: the run's, else 'prompt').")
+@click.option("--completion-column", default=None,
+              help="prompt_completion: completion column (default: the run's, else 'completion').")
+@click.option("--messages-column", default=None, help="chat: messages column (default: the run's, else 'messages').")
+@click.option("--generations", type=click.IntRange(min=0), default=0, show_default=True,
+              help="prompt_completion/chat: also show greedy completions of this many prompts of the split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics (and per-class scores, confusion matrix) as JSON.")
-def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_column, max_batches, stride, as_json):
+def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_column, max_batches, stride, data_format,
+             prompt_column, completion_column, messages_column, generations, as_json):
     """Evaluate an exported model (a run's final/ or best/, or the run directory itself) on a dataset.
 
     Classification models get a report with accuracy, macro/micro/weighted F1, a per-class table of
-    precision, recall, F1 and support, and the confusion matrix; language models their loss and perplexity.
+    precision, recall, F1 and support, and the confusion matrix; language models their loss and perplexity
+    (with --format prompt_completion or chat: over the completions only).
     """
     _quiet_libraries()
     from engine import evaluation, tools
 
-    header, report = tools.evaluate_model_report(Path(model), source, split, seq_len, batch_size, text_column,
-                                                 label_column, max_batches, stride)
+    header, report = tools.evaluate_model_report(
+        Path(model), source, split, seq_len, batch_size, text_column, label_column, max_batches, stride,
+        generations=generations, format=data_format, prompt_column=prompt_column,
+        completion_column=completion_column, messages_column=messages_column)
     if as_json:
         out = {**header, **report.to_json()}
         out.pop("head")
@@ -182,16 +207,23 @@ def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_colum
 @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True)
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, temperature, top_k, top_p, seed):
+@click.option("--chat", "chat", default=None, metavar="MESSAGES",
+              help="A conversation as a JSON list of {\"role\", \"content\"} messages (or a file holding one): "
+                   "rendered with the model's saved chat template, the assistant's reply printed.")
+def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, temperature, top_k, top_p, seed, chat):
     """Continue --prompt (or every prompt of --prompts-file) with an exported language model (a run's
-    final/ or the run directory)."""
-    if (prompt is None) == (prompts_file is None):
-        raise UsageError("give exactly one of --prompt TEXT or --prompts-file FILE")
+    final/ or the run directory), or answer a --chat conversation."""
+    if sum(x is not None for x in (prompt, prompts_file, chat)) != 1:
+        raise UsageError("give exactly one of --prompt TEXT, --prompts-file FILE or --chat MESSAGES")
     if output is not None and prompts_file is None:
         raise UsageError("--output goes with --prompts-file (a single --prompt prints its text)")
     _quiet_libraries()
     from engine import tools
 
+    if chat is not None:
+        messages = tools.parse_messages(chat)
+        click.echo(tools.generate_chat(Path(model), messages, max_new_tokens, temperature, top_k, top_p, seed))
+        return
     if prompt is not None:
         click.echo(tools.generate_text(Path(model), prompt, max_new_tokens, temperature, top_k, top_p, seed))
         return
@@ -210,9 +242,12 @@ def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, te
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the model to.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "onnx", "torchscript"]), default="hf", show_default=True,
-              help="hf: safetensors + tokenizer + generation config; onnx: model.onnx (checked with onnxruntime); "
-                   "torchscript: model.pt. Each is checked against PyTorch logits before --out appears.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "onnx", "onnx-kv", "torchscript"]), default="hf",
+              show_default=True,
+              help="hf: safetensors + tokenizer + generation config; onnx: model.onnx, (input_ids, attention_mask) -> "
+                   "logits (checked with onnxruntime); onnx-kv: language models, model.onnx with a KV cache "
+                   "(past_key_values.<i>.key/value in, present.<i>.key/value out) for generation, checked against "
+                   "transformers' generate; torchscript: model.pt. Each is checked before --out appears.")
 def export(checkpoint_dir, out, fmt):
     """Export a checkpoint, a run (its newest checkpoint) or a model directory (a run's final/).
 
@@ -348,9 +383,11 @@ def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out
             click.echo(f"{t.name}  {' '.join(t.overrides()) or '(base config)'}")
         click.echo(f"{len(plan.trials)} trial(s) -> {out_dir}", err=True)
         return
+    _quiet_libraries()
+    if not slurm:  # the trials' shared data and tokenizer, before trial 0 and before anything is written
+        sweep_lib.preflight(plan)
     if slurm:
         sweep_lib.slurm_preflight(plan, out_dir, list(sbatch_args))
-    _quiet_libraries()
     fresh = not out_dir.exists()
     sweep_lib.write_plan(plan, out_dir)
     log = lambda line: click.echo(line, err=True)
@@ -393,7 +430,8 @@ def sweep_summary(sweep_dir):
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
               help="TCP port (0: any free port, printed at start).")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind. There is no authentication: bind other than loopback only behind a proxy you trust.")
+              help="Address to bind. Without --api-key there is no authentication: bind other than loopback only "
+                   "with a key, or behind a proxy you trust.")
 @click.option("--max-body-bytes", type=click.IntRange(min=64), default=65536, show_default=True,
               help="Larger requests get 413.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
@@ -401,20 +439,34 @@ def sweep_summary(sweep_dir):
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most prompts/texts in one request.")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet):
-    """Serve an exported model over HTTP: POST /generate (lm) or /classify (cls), JSON in and out."""
+@click.option("--api-key", envvar="FTL_API_KEY", default=None, show_envvar=True,
+              help="Require `Authorization: Bearer KEY` on every request but GET /health (what the openai client "
+                   "sends as its api_key). Prefer the environment variable: a command line is visible to other users.")
+@click.option("--served-model-name", default=None,
+              help="The model id of the OpenAI endpoints (default: the run's name for a run's final/ or best/, "
+                   "else the directory's name).")
+def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet, api_key, served_model_name):
+    """Serve an exported model over HTTP: POST /generate (lm) or /classify (cls), JSON in and out, and for
+    language models the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions, streaming included)."""
     _quiet_libraries()
     from engine import serve as serve_lib
 
-    service = serve_lib.ModelService(Path(model), max_new_tokens=max_new_tokens, max_batch=max_batch)
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty; give a key or leave the option out")
+    service = serve_lib.ModelService(Path(model), max_new_tokens=max_new_tokens, max_batch=max_batch,
+                                     served_name=served_model_name)
     try:
-        server = serve_lib.make_server(service, host, port, max_body_bytes, quiet)
+        server = serve_lib.make_server(service, host, port, max_body_bytes, quiet, api_key)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     bound_host, bound_port = server.server_address[:2]
-    endpoint = "POST /generate" if service.head == "lm" else "POST /classify"
+    endpoint = (f"POST /generate, OpenAI API at /v1 (model {service.served_name!r})" if service.head == "lm"
+                else "POST /classify")
+    auth = "API key required" if api_key else "no authentication"
     click.echo(f"serving {service.model_dir} ({service.head}) on http://{bound_host}:{bound_port} "
-               f"- {endpoint}, GET /health; Ctrl-C stops", err=True)
+               f"- {endpoint}, GET /health; {auth}; Ctrl-C stops", err=True)
+    if not api_key and bound_host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(f"warning: {bound_host} is reachable from other machines and there is no --api-key", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -472,6 +524,7 @@ def slurm(config, overrides, nodes, gpus_per_node, nproc_per_node, cpus_per_task
     cfg = None
     try:
         cfg = load_config(config, overrides)
+        _warn_launcher_backend(launcher, cfg)
     except UsageError as e:
         problems += e.problems
     job = slurm_lib.SlurmJob(config, list(overrides), nodes, gpus_per_node, nproc_per_node, cpus_per_task, partition,

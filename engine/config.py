@@ -45,6 +45,19 @@ def within(key: str, value: float, lo: float, hi: float, hi_open: bool = False) 
     return [f"{key} must be within [{lo}, {hi}{')' if hi_open else ']'} (got {value})"]
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("gpt2", "org/name"): absolute, relative with ./ or ~, or holding
+    more than one "/" (a hub id holds at most one)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def missing_dir(key: str, value: str, what: str) -> list[str]:
+    """A path-like value that names no directory: say so (a hub lookup would only report a bad repo id)."""
+    if value and looks_like_path(value) and not Path(value).expanduser().is_dir():
+        return [f"{key}: the directory {value!r} does not exist ({what})"]
+    return []
+
+
 # Each section validates its own keys in `problems(cfg)` (cfg: the whole Config, for cross-section rules).
 
 
@@ -53,9 +66,25 @@ class RunConfig:
     name: str = opt("default", "Name of the run; the run directory defaults to runs/<name>.")
     dir: str = opt("", "Run directory (metrics, TensorBoard, checkpoints, final/). Empty: runs/<name>.")
     seed: int = opt(1234, "Seed for model init, data order and dropout; every rank derives its own streams from it.")
+    report_to: list[str] = opt(
+        ["tensorboard"],
+        "Where rank 0 reports metrics besides metrics.jsonl, any of: tensorboard (<run dir>/tb), mlflow "
+        "(MLFLOW_TRACKING_URI, else <run dir>/mlruns; needs pip install 'ftl-engine[mlflow]'), wandb (WANDB_MODE="
+        "offline works without an account; needs pip install 'ftl-engine[wandb]'). Same names and steps as "
+        "metrics.jsonl; a resumed run continues the same tracker run.",
+    )
+
+    def problems(self, cfg: "Config") -> list[str]:
+        from engine import tracking
+
+        return tracking.problems(self.report_to)
 
 
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+FORMATS = ("text", "prompt_completion", "chat")
+MESSAGE_ROLES = ("system", "user", "assistant")
+MIX_KEYS = ("source", "weight", "format", "text_column", "prompt_column", "completion_column", "messages_column",
+            "train_on_prompt")
 
 
 @dataclass
@@ -108,6 +137,7 @@ class ModelConfig:
         if self.head == "lm" and self.num_labels:
             p.append("model.num_labels is only used with model.head=cls; remove it or set model.head=cls")
         p += positive("model.max_positions", self.max_positions, True)
+        p += missing_dir("model.name", self.name, "give a preset, a Hugging Face model directory or a hub id such as gpt2")
         if self.max_positions and cfg.data.seq_len > self.max_positions:
             p.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_positions={self.max_positions}; "
                      f"raise model.max_positions or lower data.seq_len")
@@ -147,8 +177,12 @@ class ModelConfig:
 class DataConfig:
     source: str = opt(
         "builtin:pydoc",
-        "builtin:pydoc | builtin:stdlib, local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed), "
-        "or a hub dataset name (name or name:config).",
+        "A builtin (offline, shipped with Python): builtin:pydoc (the text of Python's documentation topics; LM), "
+        "builtin:stdlib (the standard library's source; LM), builtin:stdlib_packages (snippets of the standard "
+        "library's source labelled with their package, ~26 imbalanced classes, own train/validation splits; "
+        "head=cls), builtin:stdlib_qa (questions about standard-library functions answered with their docstrings' "
+        "summaries; data.format=prompt_completion or chat); local files (.txt/.jsonl/.json/.csv/.parquet, globs allowed); or a hub dataset name (name or "
+        "name:config).",
     )
     text_column: str = opt("text", "Column holding the text.")
     label_column: str = opt("label", "Column holding the class label (head=cls).")
@@ -156,10 +190,18 @@ class DataConfig:
     val_fraction: float = opt(0.1, "Fraction of documents held out for evaluation when the source has no validation split.")
     tokenizer: str = opt("", "Tokenizer directory or hub id; empty: the model's own, else a byte-level BPE trained on the training split.")
     tokenizer_vocab: int = opt(4096, "Vocabulary size of a locally trained BPE tokenizer.")
-    pack: bool = opt(True, "LM: concatenate documents (EOS between them) and cut into full blocks; false: one padded sample per document.")
+    pack: bool = opt(True, "LM: concatenate documents (EOS between them) and cut into full blocks; false: one padded "
+                           "sample per document. prompt_completion/chat (default true there too): whole examples packed "
+                           "into rows of seq_len tokens, each restarting its positions at 0 and attending only to "
+                           "itself; false: one padded example per row (docs/sft.md).")
     overflow: str = opt("truncate", "Documents longer than seq_len (cls, and lm with data.pack=false): truncate keeps the "
                                     "first seq_len tokens; window cuts them into windows data.stride tokens apart "
-                                    "(README: Long inputs).", ("truncate", "window"))
+                                    "(README: Long inputs). prompt_completion/chat examples longer than seq_len + 1 "
+                                    "tokens: truncate keeps their first tokens; truncate_prompt cuts the prompt (the "
+                                    "oldest turns) from the left and keeps the last completion whole, dropping the "
+                                    "example when that alone does not fit; drop drops them. Dropped examples, and "
+                                    "examples left without a target, are counted in the run log.",
+                        ("truncate", "window", "truncate_prompt", "drop"))
     stride: int = opt(0, "overflow=window: tokens between window starts (overlap = seq_len - stride); 0: seq_len, no overlap.")
     max_windows: int = opt(0, "overflow=window: at most this many windows per document (0: no cap).")
     window_pool: str = opt("mean", "overflow=window, cls evaluation: pool the class probabilities of a document's windows "
@@ -168,6 +210,31 @@ class DataConfig:
                                          "stream; rare-class samples repeat more often than common ones).")
     add_tokens: list[str] = opt([], "Tokens added to the tokenizer, each kept whole; the embedding grows and the new "
                                     "rows start at the mean of the existing ones (a tied LM head stays tied).")
+    # Instruction and chat fine-tuning (engine/sft.py, docs/sft.md)
+    format: str = opt("text", "text: raw text (data.text_column); prompt_completion: columns data.prompt_column and "
+                              "data.completion_column, the loss on the completion (and EOS) only; chat: "
+                              "data.messages_column, lists of {role, content} (or ShareGPT {from, value}) rendered with "
+                              "the chat template, the loss on the assistant turns only.",
+                      ("text", "prompt_completion", "chat"))
+    prompt_column: str = opt("prompt", "data.format=prompt_completion: column holding the prompt.")
+    completion_column: str = opt("completion", "data.format=prompt_completion: column holding the completion.")
+    messages_column: str = opt("messages", "data.format=chat: column holding the conversation (a list of messages).")
+    train_on_prompt: bool = opt(False, "prompt_completion/chat: also learn the prompt (every token a target, for chat "
+                                       "the whole rendered conversation) instead of the completions only.")
+    chat_template: str = opt("", "data.format=chat: a Jinja chat template (the string, or a file holding it); empty: "
+                                 "the tokenizer's own, else the built-in ChatML template, whose <|im_start|> / "
+                                 "<|im_end|> markers are added to the tokenizer as special tokens. Saved with the "
+                                 "tokenizer in every export.")
+    role_map: list[str] = opt(["human=user", "gpt=assistant"],
+                              "data.format=chat: other role names and what they mean, as name=role with role one of "
+                              "system, user, assistant (ShareGPT's human/gpt by default).")
+    mix: list[dict] = opt([], "Several datasets mixed into one training set, each a mapping with `source` and "
+                              "optionally `weight` (default 1: each epoch holds the dataset once; 2 twice; 0.5 a "
+                              "seeded half), `format`, `prompt_column`, `completion_column`, `messages_column`, "
+                              "`text_column` (defaults: the data.* keys). Replaces data.source (docs/sft.md).")
+    isolate_documents: bool = opt(False, "data.format=text with data.pack=true: every document restarts its positions at "
+                                         "0 and attends only to itself within a packed block (no attention across "
+                                         "the EOS between documents).")
 
     def problems(self, cfg: "Config") -> list[str]:
         p = positive("data.seq_len", self.seq_len) + within("data.val_fraction", self.val_fraction, 0.0, 1.0, True)
@@ -175,16 +242,88 @@ class DataConfig:
         if self.stride and self.stride > self.seq_len:
             p.append(f"data.stride={self.stride} exceeds data.seq_len={self.seq_len}: tokens between windows would be "
                      f"skipped; use at most {self.seq_len}")
-        if self.overflow == "window" and cfg.model.head == "lm" and self.pack:
+        if self.overflow == "window" and cfg.model.head == "lm" and self.pack and not self.sft:
             p.append("data.overflow=window needs data.pack=false for model.head=lm (packing already uses every token)")
         if self.tokenizer_vocab < 256 + 1:
             p.append(f"data.tokenizer_vocab must be at least 257 to hold the byte alphabet (got {self.tokenizer_vocab})")
         if not self.source.strip():
             p.append("data.source is empty: name a builtin:<name>, a file or a hub dataset")
+        p += missing_dir("data.tokenizer", self.tokenizer, "give a tokenizer directory, e.g. a run's tokenizer/ or "
+                                                           "final/, or a hub id such as gpt2")
         if self.balanced_sampling and cfg.model.head != "cls":
             p.append("data.balanced_sampling needs model.head=cls (it balances classes)")
         if any(not t.strip() for t in self.add_tokens) or len(set(self.add_tokens)) != len(self.add_tokens):
             p.append(f"data.add_tokens must be distinct, non-empty strings (got {self.add_tokens})")
+        return p + self.sft_problems(cfg)
+
+    @property
+    def formats(self) -> set[str]:
+        """Every data format this config reads (data.mix entries may each have their own)."""
+        if not self.mix:
+            return {self.format}
+        return {str(e.get("format", self.format)) for e in self.mix if isinstance(e, dict)}
+
+    @property
+    def sft(self) -> bool:
+        """Examples rather than a text stream: prompt_completion/chat data, or a mix of datasets."""
+        return bool(self.mix) or self.format != "text"
+
+    def role_names(self) -> tuple[dict[str, str], list[str]]:
+        """data.role_map as {name: role}, plus problems."""
+        out, problems = {}, []
+        for item in self.role_map:
+            name, eq, role = (x.strip() for x in str(item).partition("="))
+            if not eq or not name or role not in MESSAGE_ROLES:
+                problems.append(f"data.role_map entry {item!r} must look like name=role with role one of "
+                                f"{', '.join(MESSAGE_ROLES)}")
+            else:
+                out[name] = role
+        return out, problems
+
+    def sft_problems(self, cfg: "Config") -> list[str]:
+        p = self.role_names()[1]
+        for i, entry in enumerate(self.mix):
+            if not isinstance(entry, dict):
+                p.append(f"data.mix entry {i + 1} must be a mapping with at least `source` (got {entry!r})")
+                continue
+            unknown = sorted(set(entry) - set(MIX_KEYS))
+            if unknown:
+                p.append(f"data.mix entry {i + 1} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(MIX_KEYS)}")
+            if not str(entry.get("source") or "").strip():
+                p.append(f"data.mix entry {i + 1} needs a `source` (a builtin:<name>, a file or a hub dataset)")
+            w = entry.get("weight", 1)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+                p.append(f"data.mix entry {i + 1}: weight must be a positive number (got {w!r})")
+            if entry.get("format", self.format) not in FORMATS:
+                p.append(f"data.mix entry {i + 1}: format must be one of {', '.join(FORMATS)} (got {entry.get('format')!r})")
+            if not isinstance(entry.get("train_on_prompt", False), bool):
+                p.append(f"data.mix entry {i + 1}: train_on_prompt must be true or false")
+        if not self.sft:
+            if self.overflow in ("truncate_prompt", "drop"):
+                p.append(f"data.overflow={self.overflow} applies to prompt_completion/chat examples; data.format=text "
+                         f"uses truncate or window")
+            if self.chat_template:
+                p.append("data.chat_template is only used with data.format=chat")
+            if self.isolate_documents and not (self.pack and cfg.model.head == "lm"):
+                p.append("data.isolate_documents needs data.pack=true and model.head=lm (it isolates the documents "
+                         "packed into one block)")
+            return p
+        what = f"data.format={self.format}" if not self.mix else "data.mix"
+        if self.overflow == "window":
+            p.append(f"data.overflow=window cuts text into windows, which would split examples; {what} uses "
+                     f"truncate, truncate_prompt or drop")
+        if cfg.model.head != "lm":
+            p.append(f"{what} trains a language model: it needs model.head=lm")
+        if self.isolate_documents:
+            p.append(f"data.isolate_documents is for data.format=text; {what} examples never attend to each other "
+                     f"when packed anyway")
+        if self.chat_template and "chat" not in self.formats:
+            p.append("data.chat_template is only used with data.format=chat")
+        if self.chat_template and "{" not in self.chat_template and not Path(self.chat_template).expanduser().is_file():
+            p.append(f"data.chat_template {self.chat_template!r} is neither a Jinja template nor an existing file")
+        if cfg.eval.stride:
+            p.append(f"eval.stride (sliding-window perplexity over whole documents) is for data.format=text; {what} "
+                     f"reports the completion loss")
         return p
 
 
@@ -192,7 +331,12 @@ class DataConfig:
 class TrainConfig:
     micro_batch: int = opt(16, "Samples per rank per forward/backward.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step on each rank.")
-    max_steps: int = opt(300, "Optimizer steps to train.")
+    max_steps: int = opt(300, "Optimizer steps to train (or set train.epochs instead).")
+    epochs: float = opt(0.0, "Passes over the training samples (after packing/windowing), instead of train.max_steps "
+                             "(set at most one of them; fractions allowed). Resolved once, at the start of the run, "
+                             "to max_steps = ceil(epochs x samples / global batch), which config.yaml and the "
+                             "checkpoints record, so a resume on another number of ranks keeps the same total. "
+                             "0: train.max_steps.")
     log_every: int = opt(10, "Write metrics every N steps.")
     eval_every: int = opt(100, "Evaluate every N steps (0: only before and after training).")
     eval_batches: int = opt(0, "Cap on eval micro-batches per rank (0: the whole validation split).")
@@ -200,7 +344,8 @@ class TrainConfig:
                          "(fp16 adds dynamic loss scaling).", ("auto", "fp32", "bf16", "fp16"))
     clip_grad: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     device: str = opt("auto", "auto (cuda when available), cuda, or cpu.", ("auto", "cuda", "cpu"))
-    sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head; 0 disables).")
+    sample_tokens: int = opt(40, "Length of the text sample generated after training (lm head, data.format=text; "
+                                 "prompt_completion/chat runs show eval.generations instead; 0 disables).")
     sample_prompt: str = opt("The ", "Prompt of that sample.")
     stop_at_step: int = opt(0, "Stop after this step with a checkpoint and an eval but no final export, as if paused; "
                                "the schedule still spans max_steps and running again with a later stop (or 0) "
@@ -212,7 +357,8 @@ class TrainConfig:
 
     def problems(self, cfg: "Config") -> list[str]:
         return (positive("train.micro_batch", self.micro_batch) + positive("train.grad_accum", self.grad_accum)
-                + positive("train.max_steps", self.max_steps) + positive("train.log_every", self.log_every)
+                + positive("train.max_steps", self.max_steps) + positive("train.epochs", self.epochs, True)
+                + positive("train.log_every", self.log_every)
                 + positive("train.eval_every", self.eval_every, True) + positive("train.eval_batches", self.eval_batches, True)
                 + positive("train.clip_grad", self.clip_grad, True) + positive("train.sample_tokens", self.sample_tokens, True)
                 + positive("train.stop_at_step", self.stop_at_step, True)
@@ -385,6 +531,11 @@ class EvalConfig:
                            "(0: never stop early).")
     min_delta: float = opt(0.0, "Smallest change of eval.metric that counts as an improvement.")
     save_best: bool = opt(True, "With eval.metric: keep best/ beside final/, the exported model of the best evaluation.")
+    generations: int = opt(3, "prompt_completion/chat: greedy completions of this many held-out prompts (the first "
+                              "validation examples) at every evaluation, in the log, TensorBoard and eval/*.json "
+                              "(0: none).")
+    generation_tokens: int = opt(32, "Most new tokens of each of those completions (they stop at EOS or the chat "
+                                     "template's end-of-turn marker).")
 
     @property
     def metric_key(self) -> str:
@@ -399,7 +550,8 @@ class EvalConfig:
 
     def problems(self, cfg: "Config") -> list[str]:
         p = (positive("eval.stride", self.stride, True) + positive("eval.patience", self.patience, True)
-             + positive("eval.min_delta", self.min_delta, True))
+             + positive("eval.min_delta", self.min_delta, True) + positive("eval.generations", self.generations, True)
+             + positive("eval.generation_tokens", self.generation_tokens))
         if self.stride and cfg.model.head != "lm":
             p.append("eval.stride (sliding-window perplexity) needs model.head=lm")
         if self.stride and self.stride > cfg.data.seq_len > 0:
@@ -630,6 +782,10 @@ def from_dict(data: dict) -> tuple[Config, list[str]]:
             except ValueError as e:
                 problems.append(str(e))
         kwargs[sname] = stype(**values)
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if train.get("epochs") not in (None, 0, 0.0, "0", "") and "max_steps" in train:
+        problems.append(f"train.epochs={train['epochs']} and train.max_steps={train['max_steps']} are both set; "
+                        f"set one of them (epochs resolve to steps at the start of the run)")
     return Config(**kwargs), problems
 
 
@@ -645,5 +801,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def dump_resolved(cfg: Config, path: Path) -> None:
-    path.write_text(cfg.to_yaml(), encoding="utf-8")
+def dump_resolved(cfg: Config, path: Path, header: str = "") -> None:
+    """config.yaml: the config the run used, every value resolved (`header`: comment lines on top)."""
+    path.write_text(header + cfg.to_yaml(), encoding="utf-8")

@@ -3,8 +3,13 @@
 Sources (`data.source`), all read through Hugging Face `datasets`:
   builtin:pydoc   the English text of Python's own documentation topics (pydoc_data.topics; ~0.5 MB)
   builtin:stdlib  the source of the Python standard library (~30 MB)
+  builtin:stdlib_packages  standard-library snippets labelled with their package (classification; engine/tasks.py)
   local files     .txt (paragraphs) / .jsonl / .json / .csv / .parquet, globs allowed
   hub datasets    `name` or `name:config` (downloaded by datasets; never in tests or the default job)
+
+data.format=prompt_completion / chat (and data.mix) read examples instead of a text stream: engine/sft.py
+checks and normalizes the rows, marks the target tokens and packs whole examples into rows; a sample is
+then one such row, sampled like any other.
 
 Sampling is addressed by GLOBAL SAMPLE INDEX: step s of a run with global batch B covers indices
 [s*B, (s+1)*B) of an endless stream, epoch e being a seeded permutation of the training samples.
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 from engine import dist
-from engine.config import DataConfig
+from engine.config import DataConfig, looks_like_path
 from engine.errors import UsageError
 from engine.losses import IGNORE
 from engine.windows import WindowSpec, cls_eval_batch, cls_windows, lm_windows
@@ -92,10 +97,21 @@ def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
     Raises UsageError for a missing file, an unknown builtin, a missing column (listing the columns
     that exist) or an empty split.
     """
+    _silence_datasets()
+    if cfg.sft:  # prompt/completion, chat or a mix: rows checked and normalized (engine/sft.py)
+        from engine import sft
+
+        return sft.load_normalized(cfg, seed, lambda src: load_source(src),
+                                   lambda dd, s: _train_validation(dd, cfg, s))
+    dd = _train_validation(load_source(cfg.source.strip()), cfg, seed)
+    _check_columns(dd, cfg, need_label)
+    return dd
+
+
+def load_source(src: str):
+    """The DatasetDict of a builtin, local files or a hub dataset, as the source provides its splits."""
     import datasets
 
-    _silence_datasets()
-    src = cfg.source.strip()
     if src.startswith("builtin:"):
         name = src.split(":", 1)[1]
         if name not in BUILTINS:
@@ -130,8 +146,6 @@ def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
         except Exception as e:
             raise UsageError(f"data.source {src!r}: not a builtin, not an existing file, and not a loadable hub "
                              f"dataset ({type(e).__name__}: {e})") from None
-    dd = _train_validation(dd, cfg, seed)
-    _check_columns(dd, cfg, need_label)
     return dd
 
 
@@ -178,10 +192,14 @@ def _check_columns(dd, cfg: DataConfig, need_label: bool) -> None:
 def load_tokenizer(path_or_id: str):
     from transformers import AutoTokenizer
 
+    local = os.path.isdir(os.path.expanduser(path_or_id))
+    if looks_like_path(path_or_id) and not local:
+        raise UsageError(f"tokenizer directory {path_or_id!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(path_or_id)
     except (OSError, ValueError) as e:
-        raise UsageError(f"tokenizer {path_or_id!r} cannot be loaded: {e}".strip()) from None
+        where = "" if local else "there is no directory of that name, and as a hub id: "
+        raise UsageError(f"tokenizer {path_or_id!r} cannot be loaded: {where}{e}".strip()) from None
     return ensure_pad(tok)
 
 
@@ -211,6 +229,11 @@ def tokenizer_from_json(blob: str):
 
 
 def text_iterator(ds, column: str, batch: int = 1000) -> Iterator[list[str]]:
+    if "contents" in ds.column_names and column not in ds.column_names:  # normalized SFT rows (engine/sft.py)
+        from engine import sft
+
+        yield from sft.training_texts(ds, batch)
+        return
     for start in range(0, len(ds), batch):
         yield [t or "" for t in ds[start:start + batch][column]]
 
@@ -289,6 +312,28 @@ class Prepared:
     windows: WindowSpec | None = None  # data.overflow=window (cls validation rows are whole documents)
     class_weights: torch.Tensor | None = None  # head=cls: per-class loss weights (loss.class_weights)
     balanced: bool = False  # head=cls: draw training samples class-balanced (data.balanced_sampling)
+    sft: bool = False  # prompt_completion/chat/mix: rows of inputs + labels (engine/sft.py)
+    packed: bool = False  # sft: rows hold several examples (position_ids/document_ids in each batch)
+    isolate_eos: int | None = None  # text, data.isolate_documents: the EOS that separates documents
+    stats: dict = field(default_factory=dict)  # sft: split -> sft.Stats
+    prompts: list = field(default_factory=list)  # sft: held-out generation prompts (sft.eval_prompts)
+    chat: object = None  # sft: sft.ChatSpec when the data has chats
+
+    def collate(self, ds, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The samples `idx` of split `ds` as one micro-batch of tensors."""
+        if self.sft:
+            from engine import sft
+
+            got = ds[idx.tolist()]
+            return sft.collate(list(got["input_ids"]), list(got["labels"]), list(got["lengths"]),
+                               self.tokenizer.pad_token_id, self.seq_len if self.packed else None)
+        rows, labels = _rows(ds, idx)
+        batch = _mask_skipped(collate(rows, self.head, self.tokenizer.pad_token_id, labels), ds, idx)
+        if self.isolate_eos is not None:
+            from engine import sft
+
+            batch = sft.isolate_documents(batch, self.isolate_eos)
+        return batch
 
     @property
     def num_labels(self) -> int:
@@ -302,11 +347,14 @@ class Prepared:
 
 
 def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
-            label_names: list[str] | None = None) -> Prepared:
+            label_names: list[str] | None = None, prompts: int = 3) -> Prepared:
     """Tokenize (cached by datasets) and pack/label both splits; rank 0 fills the cache first.
 
     `label_names` fixes the label vocabulary (a trained model's id2label) instead of inferring it.
-    Long documents follow data.overflow (engine/windows.py)."""
+    Long documents follow data.overflow (engine/windows.py). prompt_completion/chat data: `prepare_sft`,
+    keeping `prompts` held-out prompts for the greedy generations of evaluation."""
+    if cfg.sft:
+        return prepare_sft(dd, tokenizer, cfg, prompts)
     window = WindowSpec.from_config(cfg)
     if head == "cls" and label_names:
         label_to_id = {**{n: i for i, n in enumerate(label_names)}, **{i: i for i in range(len(label_names))}}
@@ -345,7 +393,28 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
         raise UsageError(f"data.source {cfg.source!r}: no training sample of data.seq_len={cfg.seq_len} tokens fits in "
                          f"the training split; lower data.seq_len or add data")
     return Prepared(out["train"], out["validation"], tokenizer, head, cfg.seq_len, list(label_names or []), window,
-                    balanced=cfg.balanced_sampling and head == "cls")
+                    balanced=cfg.balanced_sampling and head == "cls",
+                    isolate_eos=tokenizer.eos_token_id if cfg.isolate_documents and cfg.pack and head == "lm" else None)
+
+
+def prepare_sft(dd, tokenizer, cfg: DataConfig, prompts: int = 3, prompt_tokens: int | None = None) -> Prepared:
+    """prompt_completion/chat/mix: the chat template installed on the tokenizer (when the data has chats),
+    every example encoded and checked, data.overflow applied, packed into rows (engine/sft.py)."""
+    from engine import sft
+
+    chat = sft.install_template(cfg, tokenizer) if "chat" in cfg.formats else None
+    problems = sft.RowProblems()
+    out, stats = {}, {}
+    for split in ("train", "validation"):
+        out[split], stats[split] = sft.prepare_split(dd[split], tokenizer, cfg, split, problems)
+    if problems:
+        raise UsageError(problems.messages(), hint="docs/sft.md describes the data formats and chat templates.")
+    if len(out["train"]) == 0:
+        raise UsageError(f"no training example is left: {stats['train'].line('train', cfg.overflow, cfg.seq_len)}; "
+                         f"raise data.seq_len or use data.overflow=truncate_prompt")
+    held_out = sft.eval_prompts(dd["validation"], tokenizer, prompts, prompt_tokens or cfg.seq_len)
+    return Prepared(out["train"], out["validation"], tokenizer, "lm", cfg.seq_len, sft=True, packed=cfg.pack,
+                    stats=stats, prompts=held_out, chat=chat)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -507,9 +576,7 @@ class TrainBatches:
         idx = self.sampler.indices(start_sample, lay.global_batch)
         out = []
         for m in range(lay.grad_accum):
-            rows, labels = _rows(self.data.train, idx[lay.positions(m)])
-            out.append(_mask_skipped(collate(rows, self.data.head, self.pad_id, labels), self.data.train,
-                                     idx[lay.positions(m)]))
+            out.append(self.data.collate(self.data.train, idx[lay.positions(m)]))
             if self.data.class_weights is not None:  # the trainer normalizes by their global sum
                 out[-1]["loss_weights"] = self.data.class_weights[out[-1]["labels"]]
         return out
@@ -575,9 +642,22 @@ class _WorkerFailed:
         self.error = error
 
 
+def real_tokens(batch: dict[str, torch.Tensor]):
+    """Tokens of a micro-batch that are not padding (what tokens and tokens/s count)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    if "document_ids" in batch:  # packed rows: padding is document -1
+        return (batch["document_ids"] >= 0).sum()
+    return batch["input_ids"].numel()
+
+
 def probe_batch(data: Prepared, n: int = 2) -> dict[str, torch.Tensor]:
     """A fixed small batch (the first validation samples, else training ones) for logit checks."""
     ds = data.validation if len(data.validation) else data.train
+    if data.sft:  # one example a row, as plain transformers sees them (no packing metadata)
+        got = ds[list(range(min(n, len(ds))))]
+        rows = [np.asarray(x)[: data.seq_len] for x in got["input_ids"]]
+        return collate([np.append(r, data.tokenizer.pad_token_id) for r in rows], "lm", data.tokenizer.pad_token_id)
     rows, labels = _rows(ds, np.arange(min(n, len(ds))))
     rows = [r[: data.seq_len + (data.head == "lm")] for r in rows]  # whole-document cls rows may be longer
     return collate(rows, data.head, data.tokenizer.pad_token_id, labels)
@@ -601,12 +681,11 @@ def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device
     for b in range(rounds):
         pos = np.arange((b * world + rank) * micro_batch, (b * world + rank + 1) * micro_batch)
         valid = pos < n
-        rows, labels = _rows(ds, np.where(valid, pos, 0))
         if data.head == "cls" and data.windows is not None:
+            rows, labels = _rows(ds, np.where(valid, pos, 0))
             batch = cls_eval_batch(rows, labels, data.windows, data.tokenizer.pad_token_id)
         else:
-            batch = _mask_skipped(collate(rows, data.head, data.tokenizer.pad_token_id, labels), ds,
-                                  np.where(valid, pos, 0))
+            batch = data.collate(ds, np.where(valid, pos, 0))
         if not valid.all():
             v = torch.from_numpy(valid)
             if data.head == "lm":

@@ -61,9 +61,12 @@ class EvalReport:
     label_names: list[str] = field(default_factory=list)
     per_class: dict = field(default_factory=dict)  # precision/recall/f1/support/predicted lists
     confusion: list[list[int]] | None = None
+    generations: list[dict] = field(default_factory=list)  # sft: {prompt, completion, reference}
 
     def to_json(self) -> dict:
         out = {"head": self.head, **self.scalars}
+        if self.generations:
+            out["generations"] = self.generations
         if self.head == "cls":
             out["labels"] = self.label_names
             out["per_class"] = {name: {k: self.per_class[k][i] for k in ("precision", "recall", "f1", "support")}
@@ -91,10 +94,13 @@ def cls_report(stream: ClsStream, label_names: list[str]) -> EvalReport:
 
 @torch.no_grad()
 def evaluate_report(module, prepared: data.Prepared, env: dist.DistEnv, micro_batch: int, max_batches: int = 0,
-                    autocast=contextlib.nullcontext, windows=None) -> EvalReport:
+                    autocast=contextlib.nullcontext, windows=None, generation_tokens: int = 32) -> EvalReport:
     """Evaluate on the validation split (and, for lm with `windows`, the sliding-window set), reduced
     over ranks. Every rank must call it: each runs the same number of forwards (ZeRO-3 forwards are
-    collectives), the last batches padded and masked."""
+    collectives), the last batches padded and masked.
+
+    prompt_completion/chat data: the loss and perplexity are over the targets only (the completions),
+    and the held-out prompts get greedy completions of up to `generation_tokens` tokens."""
     was_training = module.training
     module.eval()
     try:
@@ -111,9 +117,38 @@ def evaluate_report(module, prepared: data.Prepared, env: dist.DistEnv, micro_ba
         scalars = _lm_loss(module, prepared, env, micro_batch, max_batches, autocast, None, "eval")
         if windows is not None:
             scalars.update(_lm_loss(module, prepared, env, micro_batch, max_batches, autocast, windows, "eval_sliding"))
-        return EvalReport(scalars, "lm")
+        report = EvalReport(scalars, "lm")
+        if prepared.sft and prepared.prompts and generation_tokens:
+            report.generations = greedy_generations(module, prepared, env.device, autocast, generation_tokens)
+        return report
     finally:
         module.train(was_training)
+
+
+@torch.no_grad()
+def greedy_generations(module, prepared: data.Prepared, device: torch.device, autocast=contextlib.nullcontext,
+                       max_new_tokens: int = 32) -> list[dict]:
+    """Greedy completions of the held-out prompts, cut at EOS or the chat template's end-of-turn marker.
+
+    Every rank runs exactly `max_new_tokens` forwards per prompt, whatever it generates: under ZeRO-3
+    each forward gathers parameters from all ranks, so no rank may stop early or generate alone. No KV
+    cache: the engine's module is the training one, and these are a few short prompts."""
+    tok = prepared.tokenizer
+    stop = set(prepared.chat.stop_ids if prepared.chat is not None else [tok.eos_token_id])
+    room = int(module.hf.config.n_positions) - max_new_tokens
+    out = []
+    for p in prepared.prompts:
+        x = torch.tensor([p["ids"][-room:]], dtype=torch.long, device=device)
+        new = []
+        for _ in range(max_new_tokens):
+            with autocast():
+                nxt = module.logits(x)[:, -1].argmax(-1, keepdim=True)
+            x = torch.cat([x, nxt], dim=1)
+        new = x[0, -max_new_tokens:].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+        out.append({"prompt": p["prompt"], "completion": tok.decode(new[:cut], skip_special_tokens=True),
+                    "reference": p["reference"]})
+    return out
 
 
 def _lm_loss(module, prepared, env, micro_batch, max_batches, autocast, dataset, prefix) -> dict:
@@ -204,6 +239,16 @@ def write_report(run_dir: Path, step: int, report: EvalReport, sink: metrics.Met
     if report.head == "cls" and report.confusion is not None:
         sink.image("eval/confusion_matrix", confusion_image(report.confusion), step)
         sink.text("eval/per_class", markdown_table(report), step)
+    if report.generations:
+        sink.text("eval/generations", generations_markdown(report.generations), step)
+
+
+def generations_markdown(generations: list[dict]) -> str:
+    rows = ["| prompt | greedy completion | reference |", "|---|---|---|"]
+    cell = lambda t: str(t).replace("|", "\\|").replace("\n", "<br>")
+    for g in generations:
+        rows.append(f"| {cell(g['prompt'])} | {cell(g['completion'])} | {cell(g['reference'])} |")
+    return "\n".join(rows)
 
 
 def render_text(report: EvalReport, header: dict | None = None, max_matrix: int = 30) -> str:
@@ -211,6 +256,9 @@ def render_text(report: EvalReport, header: dict | None = None, max_matrix: int 
     lines = [f"{k}: {v}" for k, v in (header or {}).items()]
     for k, v in report.scalars.items():
         lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    for g in report.generations:
+        lines += ["", f"prompt:    {json.dumps(g['prompt'])}", f"greedy:    {json.dumps(g['completion'])}",
+                  f"reference: {json.dumps(g['reference'])}"]
     if report.head != "cls" or report.confusion is None:
         return "\n".join(lines)
     names, pc = report.label_names, report.per_class

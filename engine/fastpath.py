@@ -39,7 +39,15 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
 5. `configure()`: TF32 matmuls for fp32 on CUDA (through the legacy API: see `set_tf32`), and
    `train.precision=auto` resolved to bf16 on a GPU that supports it (fp32 elsewhere).
 
-6. Compilation. `resolve_compile()`: model.compile=auto is on for CUDA (DDP, ZeRO 0-2); `CompiledOrEager`
+6. Packed examples (prompt_completion/chat with data.pack=true, text with data.isolate_documents): the
+   causal body above assumes positions 0..T-1 and plain causal attention, which would let an example
+   see the ones packed before it. Such batches carry `position_ids` (restarting at 0 per example) and
+   `document_ids`; `causal_body` then embeds those positions and gives every block the block-diagonal
+   causal mask of `document_mask` (SDPA with a boolean mask: the memory-efficient kernel on GPU, not
+   flash). The transformers path gets the same mask as a prepared 4D mask. Invariant 6 (a packed row's
+   per-token losses and gradients equal its examples run alone) is tested with these default settings.
+
+7. Compilation. `resolve_compile()`: model.compile=auto is on for CUDA (DDP, ZeRO 0-2); `CompiledOrEager`
    falls back to eager with a message if compiling the step fails; `compile_report()` states the graphs
    and graph breaks after the first step. The chunked loss's per-chunk work is compiled on its own on CUDA
    (perf.fused_loss, losses.py) so eager runs get fused kernels for it too.
@@ -324,15 +332,21 @@ def fuse_gelu(model: nn.Module) -> int:
     return swapped
 
 
-def causal_body(transformer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def causal_body(transformer: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """GPT2Model's forward for unpadded causal batches, without its mask building (see point 3 above).
 
     Same modules in the same order: token + position embedding, dropout, blocks (each checkpointed
-    by transformers when gradient checkpointing is on), final LayerNorm."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    by transformers when gradient checkpointing is on), final LayerNorm.
+
+    Packed rows (point 6) pass `position_ids` (restarting at 0 for every example) and `document_ids`:
+    the blocks then get the block-diagonal causal mask instead of is_causal."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None] if position_ids is None else position_ids
+    mask = None if document_ids is None else document_mask(document_ids)
     hidden = transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
     for block in transformer.h:
-        hidden = run_block(transformer, block, hidden)
+        hidden = (run_block(transformer, block, hidden) if mask is None
+                  else run_block(transformer, block, hidden, attention_mask=mask))
     return transformer.ln_f(hidden)
 
 
@@ -346,6 +360,20 @@ def run_block(transformer: nn.Module, block: nn.Module, hidden: torch.Tensor, **
     else:
         out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def document_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[batch, 1, T, T] attention mask of packed rows: position q sees position k iff k <= q and both belong
+    to the same document (block-diagonal causal). Boolean (True: attend) for SDPA; with `dtype`, the
+    additive form (0 / dtype's minimum) that eager attention adds to its scores. The diagonal is always
+    allowed, so no row is fully masked (which would give NaN)."""
+    t = document_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def can_use_causal_body(hf_model: nn.Module, perf) -> bool:

@@ -97,17 +97,23 @@ class Metrics:
     """Rank 0's sink for scalars; `enabled=False` makes every method a no-op."""
 
     def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+                 config: dict | None = None):
         self.enabled = enabled and run_dir is not None
-        self._tb = self._jsonl = self._bar = None
+        self._tb = self._jsonl = self._bar = self._trackers = None
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        from engine import tracking
+
         # A resumed run replaces whatever the interrupted attempt logged after its checkpoint.
-        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._tb = (SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+                    if "tensorboard" in report_to else _NoWriter())
         if start_step:
             drop_rows_after(run_dir / "metrics.jsonl", start_step)
+        # MLflow / W&B (run.report_to) get every row below, under the same names and steps
+        self._trackers = tracking.Trackers.open(report_to, run_dir, config, start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if progress:
             from tqdm import tqdm
@@ -121,6 +127,7 @@ class Metrics:
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        self._trackers.log(step, values)
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 tag = k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"{prefix}/{k}")
@@ -151,14 +158,23 @@ class Metrics:
                 self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(n)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """`finished`: this attempt ran to its end (trackers mark their run finished, else killed)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
         self._tb.close()
         self._jsonl.close()
+        self._trackers.close(finished)
         self.enabled = False
+
+
+class _NoWriter:
+    """TensorBoard left out of run.report_to: the SummaryWriter calls do nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
 
 
 def drop_rows_after(path: Path, step: int) -> None:

@@ -197,23 +197,39 @@ class TrainModule(nn.Module):
         self.focal_gamma, self.label_smoothing = focal_gamma, label_smoothing
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                loss_weights: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+                loss_weights: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of per-target losses. LM: labels are next tokens, -100 where nothing is predicted.
 
         cls: labels are class ids; `loss_weights` (per sample) scales each sample's loss, and the
-        trainer normalizes by the global sum of those weights. `grad_scale` (fp16): the gradient the backward
-        will bring, for the chunked LM loss, which computes its gradients in the forward (losses.py).
+        trainer normalizes by the global sum of those weights.
+
+        Packed rows (lm) carry `position_ids` and `document_ids`: each example restarts its positions
+        and attends only to itself (fastpath point 6). `grad_scale` (fp16): the gradient the backward will
+        bring, for the chunked LM loss, which computes its gradients in the forward (losses.py).
         """
         smoothing = self.label_smoothing if self.training else 0.0  # a training regularizer, like dropout
         if self.head == "lm":
-            if attention_mask is None and self.causal_body:
-                hidden = fastpath.causal_body(self.hf.transformer, input_ids)
-            else:
-                hidden = self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.body(input_ids, attention_mask, position_ids, document_ids)
             # the loss runs inside lm_head's forward (ZeRO-3: see fastpath)
             return self.hf.lm_head(hidden, labels, smoothing, grad_scale)
         logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
         return losses.cls_loss_sum(logits, labels, loss_weights, self.focal_gamma, smoothing)
+
+    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states of the GPT-2 body (lm): the direct causal body or transformers' forward."""
+        if document_ids is not None:
+            if self.causal_body:
+                return fastpath.causal_body(self.hf.transformer, input_ids, position_ids, document_ids)
+            # transformers uses a 4D mask as given: boolean for SDPA, additive for eager attention
+            eager = self.hf.config._attn_implementation != "sdpa"
+            mask = fastpath.document_mask(document_ids, self.hf.transformer.wte.weight.dtype if eager else None)
+            return self.hf.transformer(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        if attention_mask is None and self.causal_body:
+            return fastpath.causal_body(self.hf.transformer, input_ids)
+        return self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -25,15 +25,19 @@ MUST_MATCH = {
     "model.lora_targets", "perf.pad_vocab_to",
     "data.source", "data.text_column", "data.label_column", "data.seq_len", "data.val_fraction", "data.pack",
     "data.tokenizer", "data.overflow", "data.stride", "data.max_windows", "data.balanced_sampling", "data.add_tokens",
+    "data.format", "data.prompt_column", "data.completion_column", "data.messages_column", "data.train_on_prompt",
+    "data.chat_template", "data.role_map", "data.mix", "data.isolate_documents",
     "run.seed", "dist.backend",
 }
 IGNORED = {
     "run.name", "run.dir",
     "model.init", "model.compile", "model.gradient_checkpointing", "model.position_init", "data.window_pool",
     "eval.stride", "eval.metric", "eval.mode", "eval.patience", "eval.min_delta", "eval.save_best",
+    "eval.generations", "eval.generation_tokens",
     "data.tokenizer_vocab",  # a resumed run reuses the tokenizer it trained
     "train.log_every", "train.eval_every", "train.eval_batches", "train.device", "train.sample_tokens",
     "train.sample_prompt", "train.max_bad_steps", "train.stop_at_step",
+    "train.epochs",  # resolved to train.max_steps at start (the trainer compares those)
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
     "dist.timeout_s", "dist.step_timeout_s", "dist.watchdog_s",
 }

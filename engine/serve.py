@@ -5,8 +5,12 @@
                       top_k, top_p, seed  ->  {"completions": [{"prompt", "completion"}, ...]}
     POST /classify    {"text": "..."} or {"texts": [...]}
                       ->  {"predictions": [{"label", "score", "probs": {label: p}}, ...]}
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions (lm): the OpenAI API, streaming
+                      included, for the official `openai` client and tools built on it (engine/openai_api.py)
 
-It binds 127.0.0.1 unless told otherwise: there is no authentication, so exposing it is a decision.
+It binds 127.0.0.1 unless told otherwise. `--api-key KEY` (or FTL_API_KEY) makes every request but GET
+/health present `Authorization: Bearer KEY` (401 otherwise); without it there is no authentication, so
+exposing the port is a decision.
 Requests are handled on threads (a slow client does not block the others); the model itself runs one
 request at a time under a lock, which also makes `seed` reproducible. Bad requests get a 4xx with a
 JSON body {"error": "..."} naming every problem: 400 malformed JSON / wrong fields or values,
@@ -20,6 +24,7 @@ evaluation does.
 
 from __future__ import annotations
 
+import hmac
 import json
 import sys
 import threading
@@ -44,7 +49,7 @@ class ModelService:
     """The model behind the endpoint, with the limits every request is checked against."""
 
     def __init__(self, model_dir: Path, device: torch.device | None = None, max_new_tokens: int = 256,
-                 max_batch: int = 16):
+                 max_batch: int = 16, served_name: str | None = None):
         from engine import tools
 
         self.model_dir, _ = tools.resolve_model_dir(Path(model_dir))
@@ -55,12 +60,24 @@ class ModelService:
         self.lock = threading.Lock()
         self.labels = ([self.hf.config.id2label[i] for i in range(self.hf.config.num_labels)]
                        if self.head == "cls" else [])
+        # the OpenAI endpoints: the model's id (a run's final/ or best/ goes by its run's name), the tokens
+        # generation stops at (generation_config.json: EOS and the chat template's end-of-turn marker)
+        d = self.model_dir.resolve()
+        self.served_name = served_name or (d.parent.name if d.name in ("final", "best") else d.name)
+        self.created = int(time.time())
+        self.chat = bool(getattr(self.tok, "chat_template", None))
+        eos = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else self.tok.eos_token_id
+        self.stop_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
 
     def info(self) -> dict:
+        lm = ["POST /generate", "GET /v1/models", "POST /v1/completions"] + (["POST /v1/chat/completions"]
+                                                                            if self.chat else [])
         return {"status": "ok", "model": str(self.model_dir), "head": self.head,
-                "endpoints": ["GET /health", "POST /generate" if self.head == "lm" else "POST /classify"],
+                "endpoints": ["GET /health", *(lm if self.head == "lm" else ["POST /classify"])],
                 "limits": {"max_batch": self.max_batch, "max_new_tokens": self.max_new_tokens,
-                           "positions": self.positions}, **({"labels": self.labels} if self.labels else {})}
+                           "positions": self.positions}, **({"labels": self.labels} if self.labels else {}),
+                **({"served_model": self.served_name} if self.head == "lm" else {})}
 
     # ------------------------------------------------------------------------------------- checks
     def _texts(self, body: dict, one: str, many: str, problems: list[str]) -> list[str]:
@@ -144,8 +161,14 @@ class ModelService:
         return {"predictions": out}
 
 
-def make_handler(service: ModelService, max_body: int, quiet: bool = False):
+V1_POST = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+
+def make_handler(service: ModelService, max_body: int, quiet: bool = False, api_key: str | None = None):
+    from engine import openai_api
+
     routes = {"/generate": service.generate, "/classify": service.classify}
+    v1 = service.head == "lm"  # the OpenAI paths exist for language models
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "ftl-serve/1"
@@ -167,22 +190,44 @@ def make_handler(service: ModelService, max_body: int, quiet: bool = False):
 
         def _error(self, status: int, problems, extra_headers=None) -> None:
             problems = [problems] if isinstance(problems, str) else problems
+            if self.path.startswith("/v1/"):  # OpenAI clients read {"error": {"message", "type", ...}}
+                code = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}.get(status)
+                return self._send(status, openai_api.APIError(status, "; ".join(problems), None, code).body(),
+                                  extra_headers)
             self._send(status, {"error": "; ".join(problems), "problems": problems, "status": status}, extra_headers)
+
+        def _authorized(self) -> bool:
+            """With --api-key: the request carries `Authorization: Bearer <key>` (compared in constant time)."""
+            if api_key is None:
+                return True
+            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode()):
+                return True
+            self._error(401, "missing or incorrect API key: send the header `Authorization: Bearer <key>` with the "
+                             "key the server was started with (--api-key)", {"WWW-Authenticate": "Bearer"})
+            return False
 
         def do_GET(self):
             path = self.path.split("?", 1)[0]
             if path in ("/", "/health"):
                 return self._send(200, service.info())
-            if path in routes:
+            if not self._authorized():
+                return None
+            if v1 and path == "/v1/models":
+                return self._send(200, openai_api.models(service))
+            if path in routes or (v1 and path in V1_POST):
                 return self._error(405, f"{path} takes POST with a JSON body", {"Allow": "POST"})
             return self._error(404, f"no such endpoint {path!r}; try GET /health")
 
         def do_POST(self):
             path = self.path.split("?", 1)[0]
-            if path not in routes:
-                if path in ("/", "/health"):
+            if not self._authorized():
+                return None
+            if path not in routes and not (v1 and path in V1_POST):
+                if path in ("/", "/health") or (v1 and path == "/v1/models"):
                     return self._error(405, f"{path} takes GET", {"Allow": "GET"})
-                return self._error(404, f"no such endpoint {path!r}; POST /generate or /classify, GET /health")
+                return self._error(404, f"no such endpoint {path!r}; POST /generate or /classify, GET /health"
+                                        + (", or the OpenAI API under /v1" if v1 else ""))
             if self.headers.get("Origin"):
                 # Browsers add Origin to cross-site POSTs; a form-encoded one needs no CORS preflight, so
                 # without this any web page the user opens could drive this unauthenticated endpoint.
@@ -211,6 +256,8 @@ def make_handler(service: ModelService, max_body: int, quiet: bool = False):
                 return self._error(400, f"the body is not valid JSON: {e}")
             if not isinstance(body, dict):
                 return self._error(400, "the body must be a JSON object")
+            if path in V1_POST:
+                return self._openai(path, body)
             try:
                 result = routes[path](body)
             except RequestError as e:
@@ -220,6 +267,42 @@ def make_handler(service: ModelService, max_body: int, quiet: bool = False):
                 return self._error(500, f"internal error: {type(e).__name__}")
             self._send(200, result)
 
+        def _openai(self, path: str, body: dict) -> None:
+            try:
+                req = openai_api.parse(V1_POST[path], body, service)
+                if not req.stream:
+                    return self._send(200, openai_api.run(service, req))
+            except openai_api.APIError as e:
+                return self._send(e.status, e.body())
+            except Exception as e:
+                self.log_error("internal error on %s: %r", path, e)
+                return self._send(500, openai_api.APIError(500, f"internal error: {type(e).__name__}").body())
+            # Server-sent events: one `data:` line per chunk, then [DONE]; the response ends when the
+            # connection closes (no Content-Length is known in advance).
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+
+            def send(obj: dict) -> None:
+                self.wfile.write(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
+                self.wfile.flush()
+
+            try:
+                openai_api.run(service, req, send)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away; generation stopped with it
+            except Exception as e:
+                self.log_error("internal error while streaming %s: %r", path, e)
+                try:
+                    send(openai_api.APIError(500, f"internal error: {type(e).__name__}").body())
+                except OSError:
+                    pass
+
         def log_message(self, fmt, *args):
             if not quiet:
                 sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {fmt % args}\n")
@@ -228,7 +311,7 @@ def make_handler(service: ModelService, max_body: int, quiet: bool = False):
 
 
 def make_server(service: ModelService, host: str = "127.0.0.1", port: int = 8000, max_body: int = 65536,
-                quiet: bool = False) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(service, max_body, quiet))
+                quiet: bool = False, api_key: str | None = None) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), make_handler(service, max_body, quiet, api_key or None))
     server.daemon_threads = True
     return server

@@ -198,6 +198,9 @@ def build_plan(config: str | None, overrides: list[str], grid: list[str], n_rand
     for k in ("run.dir", "run.name", "train.stop_at_step"):
         if any(p.key == k for p in params):
             problems.append(f"--grid {k}: the sweep sets it for each trial")
+    if rungs and base.train.epochs:
+        problems.append("--rungs are steps, and train.epochs resolves to steps only when a trial starts; set "
+                        "train.max_steps instead of train.epochs for successive halving")
     if rungs:
         if sorted(set(rungs)) != list(rungs):
             problems.append(f"--rungs must be increasing steps (got {','.join(map(str, rungs))})")
@@ -224,6 +227,23 @@ def build_plan(config: str | None, overrides: list[str], grid: list[str], n_rand
                 random=n_random, seed=seed, metric=metric, mode=metric_mode(metric, mode), rungs=list(rungs), eta=eta,
                 max_steps=base.train.max_steps, trials=[asdict(t) for t in trials])
     return plan, out
+
+
+def preflight(plan: Plan) -> None:
+    """Check what every trial shares before trial 0 starts (and before anything is written): the data source,
+    its columns and the tokenizer, when no --grid parameter changes them. Each trial's own config was checked
+    by `build_plan`; this catches the problems only reading the data finds (a missing column, an empty split,
+    a tokenizer directory that does not load), once, instead of in trial 0."""
+    from engine import data
+    from engine.config import load_config
+
+    if any(p.split("=", 1)[0].strip().startswith(("data.", "model.")) for p in plan.params):
+        return  # trials differ in data or model: each checks its own as it starts
+    t = plan.trial_list()[0]
+    cfg = load_config(plan.config, [*plan.overrides, *t.overrides()])
+    data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
+    if cfg.data.tokenizer:
+        data.load_tokenizer(cfg.data.tokenizer)
 
 
 def write_plan(plan: Plan, out: Path) -> None:
@@ -379,6 +399,8 @@ def trial_status(run_dir: Path, max_steps: int) -> dict:
     latest = checkpoint.find_latest(run_dir / "checkpoints")
     state = checkpoint.read_state(latest) if latest else {}
     step = int(state.get("step", 0))
+    if state.get("epochs"):  # train.epochs: the trial's own length, resolved when it started
+        max_steps = int(state["epochs"]["max_steps"])
     early = bool((state.get("best") or {}).get("stopped")) and step < max_steps
     done = (step >= max_steps or early) and (run_dir / "final").is_dir()
     return {"step": step, "done": done, "early": early and done, "failed": bool(failed), "reason": failed}

@@ -11,12 +11,20 @@ builtin:stdlib_packages
     VAL_EVERY snippets stay in training only), so every class it contains is also trained on. Columns:
     text, label, path.
 
+builtin:stdlib_qa
+    Instruction tuning (data.format=prompt_completion or chat): a question about a public function or method
+    of the standard library, answered with the first paragraph of its docstring. Read from the source with
+    `ast` (nothing is imported). Columns: prompt ("Q: What does json.dumps(obj, ...) do?\nA:"), completion
+    (" Serialize ``obj`` to a JSON formatted ``str``."), messages (a system message, the question, the answer),
+    text (prompt + completion), path. Every QA_VAL_EVERY-th question is held out as the validation split.
+
 The text comes from the running Python, so the task is fixed for one interpreter version and needs no
 network. Any CSV/JSONL/parquet file or hub dataset with text and label columns is used the same way.
 """
 
 from __future__ import annotations
 
+import ast
 import sysconfig
 from collections import defaultdict
 from pathlib import Path
@@ -62,4 +70,67 @@ def _stdlib_packages(stdlib: str, split: str):
 
 
 data.register_builtin("stdlib_packages", _stdlib_packages, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]},
+                      splits=("train", "validation"))
+
+
+QA_VAL_EVERY = 10
+QA_SYSTEM = "You answer questions about the Python standard library in one or two sentences."
+QA_EXCLUDED = EXCLUDED | {"ensurepip", "venv", "tkinter"}
+
+
+def _summary(doc: str | None) -> str | None:
+    """The first paragraph of a docstring on one line, when it reads as a summary (not a doctest or a stub)."""
+    if not doc:
+        return None
+    para = " ".join(doc.split("\n\n")[0].split())
+    if not 20 <= len(para) <= 300 or para.startswith((">>>", "(", "Deprecated")) or para.endswith(":"):
+        return None
+    return para
+
+
+def _signature(args: ast.arguments, method: bool) -> str:
+    sig = ast.unparse(args)
+    if method:
+        sig = sig.split(", ", 1)[1] if ", " in sig else ""  # self / cls
+    return sig if len(sig) <= 60 else sig[:57].rsplit(",", 1)[0] + ", ..."
+
+
+def stdlib_questions(stdlib: str) -> list[dict]:
+    """Every documented public function and method of the standard library's public modules, in a fixed order."""
+    root = Path(stdlib)
+    rows, seen = [], set()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if (QA_EXCLUDED & set(rel.parts) or rel.parts[0].startswith("config-")
+                or any(part.startswith("_") and part != "__init__.py" for part in rel.parts)):
+            continue
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        found = [(n.name, n, False) for n in tree.body if isinstance(n, ast.FunctionDef)]
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")):
+            found += [(f"{cls.name}.{n.name}", n, True) for n in cls.body if isinstance(n, ast.FunctionDef)]
+        for name, node, method in found:
+            summary = _summary(ast.get_docstring(node))
+            if name.split(".")[-1].startswith("_") or summary is None or (module, name) in seen:
+                continue
+            seen.add((module, name))
+            call = f"{module}.{name}({_signature(node.args, method)})"
+            question = f"What does {call} do?"
+            rows.append({"prompt": f"Q: {question}\nA:", "completion": f" {summary}",
+                         "messages": [{"role": "system", "content": QA_SYSTEM}, {"role": "user", "content": question},
+                                      {"role": "assistant", "content": summary}],
+                         "text": f"Q: {question}\nA: {summary}", "path": f"{rel}:{node.lineno}"})
+    return rows
+
+
+def _stdlib_qa(stdlib: str, split: str):
+    for i, row in enumerate(stdlib_questions(stdlib)):
+        if (i % QA_VAL_EVERY == QA_VAL_EVERY // 2) == (split == "validation"):
+            yield row
+
+
+data.register_builtin("stdlib_qa", _stdlib_qa, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]},
                       splits=("train", "validation"))

@@ -43,49 +43,83 @@ def load_model(model_dir: Path, device: torch.device):
 
 
 def evaluate_model(path: Path, source: str, split: str, seq_len: int | None, batch_size: int,
-                   text_column: str | None, label_column: str | None, max_batches: int, stride: int | None = None) -> dict:
+                   text_column: str | None, label_column: str | None, max_batches: int, stride: int | None = None,
+                   **sft_options) -> dict:
     """Headline numbers plus (cls) labels, per-class scores and the confusion matrix, as one flat dict."""
     header, report = evaluate_model_report(path, source, split, seq_len, batch_size, text_column, label_column,
-                                           max_batches, stride)
+                                           max_batches, stride, **sft_options)
     out = {**header, **report.to_json()}
     out.pop("head")
     return out
 
 
+SFT_KEYS = ("format", "prompt_column", "completion_column", "messages_column", "train_on_prompt", "role_map")
+
+
 def evaluate_model_report(path: Path, source: str, split: str, seq_len: int | None, batch_size: int,
                           text_column: str | None, label_column: str | None, max_batches: int,
-                          stride: int | None = None):
-    """(header, EvalReport) of a model directory or run on a dataset split; streaming, one process."""
+                          stride: int | None = None, generations: int = 0, generation_tokens: int = 32,
+                          **sft_options):
+    """(header, EvalReport) of a model directory or run on a dataset split; streaming, one process.
+
+    `sft_options` (format, prompt_column, completion_column, messages_column, train_on_prompt, role_map; None:
+    the run's, else the defaults) read prompt_completion/chat data: the loss is then the completion loss,
+    the chat template the model's own (saved with its tokenizer)."""
     from engine import evaluation
 
     model_dir, run_cfg = resolve_model_dir(path)
     env = dist.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     hf, tok, head = load_model(model_dir, env.device)
     d = run_cfg.get("data", {})
+    mix = []
+    if not source:  # the data the run trained on: its validation split is the run's own held-out data
+        if not d.get("source"):
+            raise UsageError(f"--data is needed: {path} is a model directory without the run's config.yaml, so the "
+                             f"data it was trained on is unknown (give --data SOURCE)")
+        source, mix = d["source"], d.get("mix") or []  # a run on a data.mix: its datasets, their held-out parts
+    sft = {k: sft_options[k] if sft_options.get(k) is not None else d[k] for k in SFT_KEYS
+           if sft_options.get(k) is not None or k in d}
     dcfg = DataConfig(source=source, text_column=text_column or d.get("text_column", "text"),
                       label_column=label_column or d.get("label_column", "label"),
                       seq_len=seq_len or d.get("seq_len", min(1024, hf.config.n_positions)),
                       val_fraction=d.get("val_fraction", 0.1), pack=d.get("pack", True),
                       overflow=d.get("overflow", "truncate"), stride=d.get("stride", 0),
-                      max_windows=d.get("max_windows", 0), window_pool=d.get("window_pool", "mean"))
+                      max_windows=d.get("max_windows", 0), window_pool=d.get("window_pool", "mean"), mix=mix, **sft)
+    if dcfg.sft:
+        if head != "lm":
+            raise UsageError(f"--format {dcfg.format} needs a language model; {model_dir} is a classifier")
+        if dcfg.overflow == "window":
+            dcfg.overflow = "truncate"
+        if dcfg.format == "chat" and not getattr(tok, "chat_template", None):
+            raise UsageError(f"{model_dir} has no chat template (its tokenizer_config.json / chat_template.jinja); "
+                             f"--format chat needs the template the model was trained with")
     if dcfg.seq_len > hf.config.n_positions:
         raise UsageError(f"--seq-len {dcfg.seq_len} exceeds the model's {hf.config.n_positions} positions")
     raw = data.load_raw(dcfg, seed=int(run_cfg.get("run", {}).get("seed", 1234)), need_label=head == "cls")
     if split == "train":
         raw["validation"] = raw["train"]
     labels = [hf.config.id2label[i] for i in range(hf.config.num_labels)] if head == "cls" else None
-    prepared = data.prepare(raw, tok, dcfg, head, label_names=labels)
+    vocab = len(tok)
+    prepared = data.prepare(raw, tok, dcfg, head, label_names=labels, prompts=generations)
+    if len(tok) != vocab:
+        raise UsageError(f"{model_dir}'s tokenizer lacks the chat template's markers; evaluate the model with the "
+                         f"tokenizer it was trained with")
     if len(prepared.validation) == 0:
         raise UsageError(f"the {split} split of {source!r} has no sample of {dcfg.seq_len} tokens; lower --seq-len")
     stride = run_cfg.get("eval", {}).get("stride", 0) if stride is None else stride
-    if stride and head != "lm":
-        raise UsageError("--stride (sliding-window perplexity) needs a language model")
+    if stride and (head != "lm" or dcfg.sft):
+        raise UsageError("--stride (sliding-window perplexity) needs a language model and --format text")
     if stride > dcfg.seq_len:
         raise UsageError(f"--stride {stride} must not exceed the window of {dcfg.seq_len} tokens (--seq-len)")
     windows = evaluation.window_dataset(raw["validation"], tok, dcfg.text_column, dcfg.seq_len, stride) if stride else None
     report = evaluation.evaluate_report(model_lib.TrainModule(hf, head, packed=dcfg.pack), prepared, env, batch_size, max_batches,
-                                        windows=windows)
+                                        windows=windows, generation_tokens=generation_tokens)
     header = {"model": str(model_dir), "split": split, "samples": len(prepared.validation)}
+    if dcfg.sft:
+        st = prepared.stats["validation"]
+        header.update(format=dcfg.format, examples=st.kept, target_tokens=st.targets)
+        if st.too_long or st.no_target:
+            header["dropped"] = st.too_long + st.no_target
     if stride:
         header["stride"] = stride
     return header, report
@@ -104,6 +138,55 @@ def generate_text(path: Path, prompt: str, max_new_tokens: int, temperature: flo
         else dict(do_sample=False)
     out = hf.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
     return tok.decode(out[0], skip_special_tokens=True)
+
+
+def parse_messages(value: str) -> list[dict]:
+    """`ftl generate --chat`: a JSON list of {role, content} messages, given inline or as a file path."""
+    text = value
+    if not value.lstrip().startswith(("[", "{")) and Path(value).expanduser().is_file():
+        text = Path(value).expanduser().read_text(encoding="utf-8")
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--chat must be a JSON list of messages (or a file holding one): {e.msg}") from None
+    if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
+        messages = messages["messages"]
+    problems = []
+    if not isinstance(messages, list) or not messages:
+        problems.append("--chat must be a non-empty JSON list of {\"role\": ..., \"content\": ...} messages")
+    else:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                problems.append(f"--chat message {i}: role must be system, user or assistant")
+            elif not isinstance(m.get("content"), str):
+                problems.append(f"--chat message {i}: content must be a string")
+    if problems:
+        raise UsageError(problems)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def generate_chat(path: Path, messages: list[dict], max_new_tokens: int, temperature: float, top_k: int,
+                  top_p: float, seed: int) -> str:
+    """The assistant's reply to `messages`: rendered with the model's saved chat template (the generation
+    prompt added), generated until EOS or the template's end-of-turn marker (generation_config.json)."""
+    model_dir, _ = resolve_model_dir(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf, tok, head = load_model(model_dir, device)
+    if head != "lm":
+        raise UsageError(f"{model_dir} is a classification model; `ftl generate` needs a language model")
+    if not getattr(tok, "chat_template", None):
+        raise UsageError(f"{model_dir} has no chat template; --chat needs a model trained with data.format=chat "
+                         f"(use --prompt for plain text)")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").to(device)
+    if ids["input_ids"].shape[1] + max_new_tokens > hf.config.n_positions:
+        raise UsageError(f"the conversation has {ids['input_ids'].shape[1]} tokens; with --max-new-tokens "
+                         f"{max_new_tokens} that exceeds the model's {hf.config.n_positions} positions")
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) if temperature > 0 \
+        else dict(do_sample=False)
+    out = hf.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -202,9 +285,15 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     if head == "lm":  # checkpoints hold the padded vocabulary (perf.pad_vocab_to)
         weights = fastpath.unpad_state_dict(weights, hf_config.vocab_size)
     labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)] if head == "cls" else None
+    extras = None
     if state["config"]["model"].get("lora_rank"):
+        from engine import transfer
+        from engine.config import from_dict
+
+        adapter, model_cfg = weights, from_dict(state["config"])[0].model
+        extras = lambda d: transfer.save_adapter(adapter, model_cfg, head, d / "adapter", tok)
         weights = lora_checkpoint_weights(state, weights, tok, labels)
-    checkpoint.export_hf(hf_config, head, weights, tok, out, labels)
+    checkpoint.export_hf(hf_config, head, weights, tok, out, labels, extras=extras)
     verify_weights(out, weights, head)
     return out
 

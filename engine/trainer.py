@@ -12,7 +12,9 @@ Nothing in the loop reads a device value back except at log steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -37,7 +39,9 @@ class Trainer:
         self.cfg = cfg
         self.env = env or dist.init(cfg.train.device, fault.startup_collective_timeout(cfg))
         self.run_dir = cfg.run_dir
-        self.log = print if self.env.is_main else (lambda *a, **k: None)
+        # Every log line of a run goes to stderr (the progress bar's stream too), rank 0 only: stdout stays free
+        # for what a command returns (a sweep's table, `ftl eval --json`).
+        self.log = _log_line if self.env.is_main else (lambda *a, **k: None)
         fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
         warn = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
@@ -47,12 +51,20 @@ class Trainer:
         # 1. Decide whether to resume (before anything is written) and validate data + model.
         self.resume_from = self._resume_target()
         self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from else None
+        self.epoch_plan = self._saved_epoch_plan()  # train.epochs already resolved by this run's checkpoint
         if self.resume_state is not None:  # config drift: errors now, warnings logged
-            resume.check_config(self.resume_from, self.resume_state, cfg, self.env.world_size,
+            resume.check_config(self.resume_from, self.resume_state, self._drift_view(), self.env.world_size,
                                 self.log if self.env.is_main else (lambda line: None))
         self.source = model_lib.resolve(cfg.model)
         self.data = self._prepare_data()
         self._check_shapes()
+        if cfg.train.epochs:
+            self._resolve_epochs()
+        if cfg.optim.warmup_steps > cfg.train.max_steps:
+            peak = optim.lr_at(cfg.train.max_steps - 1, cfg.optim, cfg.train.max_steps)
+            self.log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
+                     f"(train.max_steps={cfg.train.max_steps}): the learning rate never reaches optim.lr={cfg.optim.lr:g} "
+                     f"(it ends at {peak:.3g}); lower optim.warmup_steps")
 
         # 2. Build the model: identical init on every rank, then per-rank RNG streams for dropout.
         seed_everything(cfg.run.seed)
@@ -86,7 +98,7 @@ class Trainer:
         # 3. Everything checked: create the run directory (rank 0) and restore state.
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_resolved(cfg, self.run_dir / "config.yaml")
+            dump_resolved(cfg, self.run_dir / "config.yaml", self._epochs_note())
             self.data.tokenizer.save_pretrained(self.run_dir / "tokenizer")
         dist.barrier()
         self.layout = data.Layout(self.env.world_size, self.env.rank, cfg.train.micro_batch, cfg.train.grad_accum)
@@ -110,7 +122,8 @@ class Trainer:
         self.windows = (evaluation.window_dataset(self.raw["validation"], self.data.tokenizer, cfg.data.text_column,
                                                   cfg.data.seq_len, cfg.eval.stride)
                         if cfg.eval.stride and len(self.raw["validation"]) else None)
-        self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress)
+        self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress,
+                                       cfg.run.report_to, cfg.to_dict())
         self.throughput = metrics.Throughput(self.flops_per_token, metrics.peak_flops(self.env.device),
                                              self.env.world_size)
 
@@ -127,6 +140,49 @@ class Trainer:
             return path
         return checkpoint.find_latest(self.run_dir / "checkpoints")
 
+    def _saved_epoch_plan(self) -> dict | None:
+        """train.epochs as the checkpoint resolved it: with the same epochs its step count stands (whatever the
+        number of ranks now), so a resume never changes the schedule's length."""
+        cfg, saved = self.cfg, (self.resume_state or {}).get("epochs")
+        if cfg.train.epochs and saved and saved.get("epochs") == cfg.train.epochs:
+            cfg.train.max_steps, cfg.train.epochs = int(saved["max_steps"]), 0.0
+            return saved
+        return None
+
+    def _drift_view(self) -> Config:
+        """The config the drift check compares: train.epochs still unresolved counts as the checkpoint's steps
+        (it is resolved, and announced, once the data is known)."""
+        if not self.cfg.train.epochs:
+            return self.cfg
+        saved_steps = (self.resume_state or {}).get("config", {}).get("train", {}).get("max_steps", 0)
+        view = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, epochs=0.0,
+                                                                       max_steps=saved_steps or self.cfg.train.max_steps))
+        return view
+
+    def _resolve_epochs(self) -> None:
+        """train.epochs -> train.max_steps, once: epochs x training samples (after packing/windowing), in
+        global batches of this run, counted on from the checkpoint's sample position when resuming with
+        other epochs than it had."""
+        cfg, lay = self.cfg, self.cfg.train
+        samples = len(self.data.train)
+        global_batch = self.env.world_size * lay.micro_batch * lay.grad_accum
+        done_steps = int((self.resume_state or {}).get("step", 0))
+        done_samples = int((self.resume_state or {}).get("sample_index", 0))
+        steps = done_steps + max(0, math.ceil((lay.epochs * samples - done_samples) / global_batch))
+        steps = max(steps, 1)
+        self.epoch_plan = {"epochs": lay.epochs, "max_steps": steps, "train_samples": samples,
+                           "global_batch": global_batch}
+        self.log(f"train.epochs={lay.epochs:g}: {steps} steps (ceil({lay.epochs:g} x {samples} training samples / "
+                 f"global batch {global_batch})" + (f", continuing from step {done_steps}" if done_steps else "") + ")")
+        cfg.train.max_steps, cfg.train.epochs = steps, 0.0
+
+    def _epochs_note(self) -> str:
+        p = self.epoch_plan
+        if not p:
+            return ""
+        return (f"# train.epochs={p['epochs']:g} resolved to train.max_steps={p['max_steps']}: {p['train_samples']} "
+                f"training samples, global batch {p['global_batch']}\n")
+
     def _prepare_data(self) -> data.Prepared:
         """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
         cfg = self.cfg
@@ -135,7 +191,8 @@ class Trainer:
             raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
             tokenizer = self._tokenizer(raw)
             transfer.add_tokens(tokenizer, cfg.data.add_tokens)
-            prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels)
+            prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels,
+                                    prompts=cfg.eval.generations)
             problems = []
             if cfg.model.head == "cls":
                 prepared.class_weights, problems = losses.class_weights(cfg.loss, prepared.label_counts())
@@ -203,13 +260,15 @@ class Trainer:
                     f"{self.best.best_step}): {self.run_dir.resolve()}")
             m.close()
             return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
+        m.print(self._banner())  # what runs, before anything it computes (the first eval included)
+        for line in self._data_lines():
+            m.print(line)
+        m.print(memory.planned_line(self.backend))
         if self.step == 0:
             before = self.evaluate()
             m.log(0, before)
             m.print(f"eval before training: {_fmt(before)}")
             self.track_best(before)
-        m.print(self._banner())
-        m.print(memory.planned_line(self.backend))
         memory_logged = False
         window_loss = torch.zeros(2, device=self.env.device)  # [summed loss, targets] since the last log
         window_tokens = torch.zeros((), device=self.env.device)
@@ -240,7 +299,8 @@ class Trainer:
                 (loss_total, targets), tok = window_loss.tolist(), float(window_tokens)
                 self.tokens_seen += tok
                 row = {"loss": loss_total / max(targets, 1.0), "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": self.tokens_seen, **self.fault.log_fields(), **self.throughput.read(tok)}
+                       "tokens": self.tokens_seen, "epoch": round(self.sample_index / len(self.data.train), 6),
+                       **self.fault.log_fields(), **self.throughput.read(tok)}
                 m.log(self.step, row)
                 m.print(f"step {self.step}/{cfg.train.max_steps} | " + _fmt(row))
                 window_loss.zero_(), window_tokens.zero_()
@@ -280,7 +340,7 @@ class Trainer:
             # NaN instead of a non-finite loss: the gradient all-reduce then skips this step on every rank.
             backend.backward(fault.nan_if_nonfinite(summed) * scale, last)
             loss_sum += summed.detach().float()
-            tokens += mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
+            tokens += data.real_tokens(mb)
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
         grad_norm = backend.step(lr, self.cfg.train.clip_grad)
         return loss_sum, counts.sum(), tokens, grad_norm, lr
@@ -289,8 +349,12 @@ class Trainer:
     def evaluate(self) -> dict:
         with self.fault.slow_section():
             report = evaluation.evaluate_report(self.backend.module, self.data, self.env, self.cfg.train.micro_batch,
-                                                self.cfg.train.eval_batches, self.backend.autocast, self.windows)
+                                                self.cfg.train.eval_batches, self.backend.autocast, self.windows,
+                                                self.cfg.eval.generation_tokens)
         evaluation.write_report(self.run_dir, self.step, report, self.metrics)
+        for g in report.generations:
+            self.metrics.print(f"  greedy completion at step {self.step}: {json.dumps(g['prompt'][-80:])} -> "
+                               f"{json.dumps(g['completion'])}")
         self.last_eval = report.scalars
         return report.scalars
 
@@ -335,7 +399,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
         return {"tokens": self.tokens_seen, "sample_index": self.sample_index,
-                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict(),
+                "global_batch": self.layout.global_batch, "config": self.cfg.to_dict(), "epochs": self.epoch_plan,
                 "best": self.best.state(), "base_fingerprint": self.base_fingerprint}
 
     def save_checkpoint(self) -> Path:
@@ -354,9 +418,14 @@ class Trainer:
         with self.fault.slow_section():  # rank 0 writes while the others wait: start-up-sized limits
             state = self.backend.full_state_dict()
             if self.env.is_main:
+                adapter = None
+                if self.cfg.model.lora_rank:  # beside the merged model: the adapters alone, in PEFT's format
+                    unmerged = state
+                    adapter = lambda d: transfer.save_adapter(unmerged, self.cfg.model, self.cfg.model.head,
+                                                              d / "adapter", self.data.tokenizer)
                 state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
-                                     self.data.label_names)
+                                     self.data.label_names, extras=adapter)
             dist.barrier()
             diff = self.verify_export(out)
         self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
@@ -420,7 +489,8 @@ class Trainer:
             self.track_best(after, final=final)
         summary = {"step": self.step, **last_row, **after, "final": str(final), "checkpoint": str(ckpt)}
         if self.env.is_main:
-            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens:
+            # prompt_completion/chat runs show greedy completions of held-out prompts at every evaluation instead
+            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens and not self.data.sft:
                 text = sample(final, self.cfg.train.sample_prompt, self.cfg.train.sample_tokens, self.cfg.run.seed)
                 m.text("sample", text, self.step)
                 m.print("sample: " + json.dumps(text))
@@ -452,9 +522,24 @@ class Trainer:
         self._raise_export_failures(ckpt)
         return {"step": self.step, **last_row, **ev, "checkpoint": str(ckpt), "stopped": True}
 
+    def _data_lines(self) -> list[str]:
+        """prompt_completion/chat: what became of the examples (truncated, dropped, packing efficiency)."""
+        d, c = self.data, self.cfg.data
+        if not d.sft:
+            return []
+        lines = [f"data: {d.stats[s].line(s, c.overflow, c.seq_len)}" for s in ("train", "validation") if d.stats.get(s)]
+        if d.chat is not None:
+            lines.append(f"data: chat template: {d.chat.origin}; generation stops at token ids {d.chat.stop_ids} "
+                         f"({', '.join(repr(d.tokenizer.convert_ids_to_tokens(i)) for i in d.chat.stop_ids)})")
+            if len(d.chat.stop_ids) < 2:
+                lines.append("warning: the chat template ends an assistant turn with no single end-of-turn token, so "
+                             "generation stops only at EOS; a template whose turns end in a special token (the "
+                             "built-in ChatML's <|im_end|>) stops where the turn ends")
+        return lines
+
     def close(self) -> None:
         self.fault.close()
-        self.metrics.close()
+        self.metrics.close(finished=False)  # a no-op after finish()/stop_early(); else the attempt stopped short
         self.batches.close()
         self.backend.close()
 
@@ -468,6 +553,10 @@ class Trainer:
 
 
 evaluate = evaluation.evaluate  # the module-level eval, shared with `ftl eval`
+
+
+def _log_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _fmt(row: dict) -> str:

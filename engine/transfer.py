@@ -135,6 +135,38 @@ def merge_lora(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     return out
 
 
+def save_adapter(state: dict[str, torch.Tensor], cfg: ModelConfig, head: str, out, tokenizer=None) -> None:
+    """The LoRA adapters alone in PEFT's format (adapter_config.json + adapter_model.safetensors), for
+    `PeftModel.from_pretrained(base, out)` with base = model.name's weights (cls: the trained classifier is
+    saved too, as PEFT's modules_to_save). Written beside the merged model, as its adapter/ directory.
+
+    Tokens the run added to the vocabulary (data.add_tokens, the built-in chat template's markers) live in the
+    embedding, which LoRA does not train: their rows (the mean of the old ones) are only in the merged model."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    lc = lora_config(cfg)
+    lc.task_type = "SEQ_CLS" if head == "cls" else "CAUSAL_LM"
+    lc.base_model_name_or_path = cfg.name
+    if head == "cls":
+        lc.modules_to_save = ["score"]
+    weights = {}
+    for key, value in state.items():
+        if f".lora_A.{ADAPTER}." in key or f".lora_B.{ADAPTER}." in key:
+            weights["base_model.model." + key.replace(f".{ADAPTER}.", ".")] = value.detach().float().contiguous()
+        elif head == "cls" and key.startswith("score."):
+            weights["base_model.model." + key] = value.detach().float().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    lc.save_pretrained(str(out))
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        from engine import compat
+
+        compat.save_tokenizer(tokenizer, str(out), None)  # loadable by every transformers >= 4.57
+
+
 def lora_param_names(names) -> list[str]:
     return [n for n in names if ".lora_" in n]
 

@@ -132,7 +132,8 @@ class DeepSpeedBackend(Backend):
                 resolved.ds.setdefault("zero_force_ds_cpu_optimizer", False)
             self._ds = resolved.ds
             if self.env.is_main:
-                print(f"deepspeed config ({resolved.source}): {json.dumps(self._ds, sort_keys=True)}", flush=True)
+                print(f"deepspeed config ({resolved.source}): {json.dumps(self._ds, sort_keys=True)}", file=sys.stderr,
+                      flush=True)
                 for note in resolved.notes:
                     print(f"warning: {note}", file=sys.stderr, flush=True)
         return self._ds
@@ -212,7 +213,7 @@ class DeepSpeedBackend(Backend):
 
         self._norm_here = not isinstance(self.engine.optimizer, DeepSpeedOptimizer)
         if self.env.is_main:
-            print(self.describe(), flush=True)
+            print(self.describe(), file=sys.stderr, flush=True)
 
     def describe(self) -> str:
         """What DeepSpeed really built: its optimizer wrapper, the optimizer under it, and the dtypes gradients

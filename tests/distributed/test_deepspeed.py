@@ -261,7 +261,7 @@ def test_zero3_checkpoint_of_two_ranks_resumes_on_one(runs, single, root, corpus
     proc = check(run_ftl(["train", "--no-progress", *tiny_overrides(resumed, **split_overrides(
         corpus, 2, 4, **{"dist.backend": "deepspeed", "dist.zero_stage": 3,
                          "checkpoint.resume": runs("zero3") / "checkpoints" / "step-000002"}))]))
-    assert "resuming a checkpoint written by 2 rank(s) on 1" in proc.stdout
+    assert "resuming a checkpoint written by 2 rank(s) on 1" in proc.stdout + proc.stderr
     _resumed_matches(resumed, runs("zero3"), first=3)
     _resumed_matches(resumed, single, first=3)
 
@@ -272,7 +272,7 @@ def test_one_process_zero2_checkpoint_resumes_on_two_ranks(one_process, single, 
     proc = check(torchrun(2, ["train", "--no-progress", *tiny_overrides(resumed, **split_overrides(
         corpus, 2, 2, **{"dist.backend": "deepspeed", "dist.zero_stage": 2, "dist.offload": "cpu",
                          "checkpoint.resume": one_process / "checkpoints" / "step-000002"}))]))
-    assert "resuming a checkpoint written by 1 rank(s) on 2" in proc.stdout
+    assert "resuming a checkpoint written by 1 rank(s) on 2" in proc.stdout + proc.stderr
     _resumed_matches(resumed, one_process, first=3)
 
 

@@ -79,7 +79,7 @@ def test_sigterm_to_torchrun_saves_exits_75_and_resumes_bitwise(reference, tmp_p
     assert sorted(losses_by_step(run)) == list(range(1, stopped + 1))  # every step before the stop is logged
 
     resumed = check(torchrun(2, ["train", *tiny_overrides(run, **REF)]))
-    assert f"resumed from {ckpt} at step {stopped}" in resumed.stdout
+    assert f"resumed from {ckpt} at step {stopped}" in resumed.stdout + resumed.stderr
     assert not (run / "PREEMPTED").exists()
     assert losses_by_step(run) == ref_losses  # bit for bit, every step, each logged once
     assert bitwise_equal(checkpoint_tensors(run / "checkpoints" / f"step-{STEPS:06d}"), ref_state) == []
@@ -205,7 +205,7 @@ def test_world_size_change_2_to_1_and_1_to_2(nan_run, tmp_path):
     one_then_two = tmp_path / "one_then_two"
     grown = check(torchrun(2, ["train", *tiny_overrides(one_then_two, **RESHARD, **{
         "checkpoint.resume": str(one / "checkpoints" / "step-000004")})]))
-    assert "resuming a checkpoint written by 1 rank(s) on 2" in grown.stdout
+    assert "resuming a checkpoint written by 1 rank(s) on 2" in grown.stdout + grown.stderr
 
     ref = losses_by_step(one)
     for resumed, first in ((two_then_one, 3), (one_then_two, 5)):

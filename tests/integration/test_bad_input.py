@@ -36,6 +36,10 @@ CASES = [
      ["no training sample of data.seq_len=32 tokens fits"]),
     ("model-dir-without-config", ["model.name={tmp}/nomodel"], ["is a directory without config.json"]),
     ("bad-resume-path", ["checkpoint.resume={tmp}"], ["is not a complete checkpoint directory"]),
+    ("missing-tokenizer-dir", ["data.tokenizer={tmp}/runs/demo/tokenizer"],
+     ["data.tokenizer: the directory", "runs/demo/tokenizer' does not exist"]),
+    ("missing-model-dir", ["model.name=runs/demo/final"], ["model.name: the directory 'runs/demo/final' does not exist"]),
+    ("epochs-and-max-steps", ["train.epochs=2"], ["train.epochs=2 and train.max_steps=6 are both set; set one of them"]),
 ]
 
 

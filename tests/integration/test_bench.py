@@ -3,6 +3,7 @@ numbers are not checked against any speed (this is not a timed test), only for b
 
 import json
 import math
+import re
 
 import pytest
 
@@ -16,6 +17,10 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     for impl in ("ours", "ours-plain", "torch", "hf"):
         assert f" {impl} " in proc.stdout, proc.stdout
     assert "ours / impl" in proc.stdout
+    # the spread of step times is shown, and nothing but the benchmark's own lines (no Trainer log dict)
+    assert "step ms min/median/max" in proc.stdout
+    assert re.search(r" \d+\.\d/\d+\.\d/\d+\.\d ", proc.stdout), proc.stdout
+    assert "train_runtime" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
     report = json.loads((out / "throughput.json").read_text())
     env = report["environment"]

@@ -44,8 +44,10 @@ def test_cls_beats_the_majority_class_baseline_on_macro_f1(cls_run, baseline):
     assert labels["majority_label"] == "encodings" and majority < 0.03
     final = [r for r in read_metrics(run_dir) if "eval_macro_f1" in r][-1]
     assert final["step"] == 400
-    # measured (one thread): 0.214 with this seed; seeds 1-5 give 0.248, 0.190, 0.213, 0.157, 0.198; the
-    # baseline is 0.0196. The bar below is half the worst of those.
+    # measured 2026-12-03 (OMP_NUM_THREADS=1, the README's 400 steps): 0.165 with this seed; seeds 1-5 give 0.251,
+    # 0.192, 0.231, 0.160, 0.187 (2 threads: 0.175). The figure is deterministic for a fixed thread count,
+    # CPU and library set, but any change of float rounding (threads, the fused GELU, library versions) moves it
+    # across that spread. The baseline is 0.0196; the bar below is well under the worst of those.
     assert final["eval_macro_f1"] >= 4 * majority and final["eval_macro_f1"] >= majority + 0.06, (final, majority)
     assert final["eval_balanced_accuracy"] > 2 / labels["classes"]
 

@@ -30,7 +30,9 @@ def test_run_directory_contract(lm_run):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     for r in train_rows:
-        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys()
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "epoch"} <= r.keys()
+    epochs = [r["epoch"] for r in train_rows]  # samples seen / training samples
+    assert 0 < epochs[0] and epochs == sorted(epochs) and epochs[-1] == pytest.approx(6 * epochs[0], rel=1e-3)
     assert train_rows[-1]["tokens"] == 6 * 4 * 32  # steps x micro_batch x seq_len, packed
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6] and all("eval_ppl" in r for r in evals)
@@ -38,6 +40,9 @@ def test_run_directory_contract(lm_run):
     # the console shows the loss, the evals, a sample and where the run went
     for text in ("eval before training", "step 6/6", "eval after training", "sample:", "run directory:"):
         assert text in proc.stderr
+    # what runs is said before anything it computes, and every log line goes to one stream
+    assert proc.stderr.index("model gpt2-tiny (") < proc.stderr.index("eval before training")
+    assert proc.stdout == ""
 
 
 def test_tensorboard_events_read_back(lm_run):
@@ -83,7 +88,7 @@ def test_final_reloads_with_plain_transformers_and_matches_the_engine(lm_run):
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # still tied after reload
 
 
-def test_generate_and_eval_on_the_exported_model(lm_run):
+def test_generate_and_eval_on_the_exported_model(lm_run, tmp_path):
     run_dir, _ = lm_run
     a = check(run_ftl(["generate", run_dir / "final", "--prompt", "The with", "--max-new-tokens", "5", "--seed", "1"]))
     b = check(run_ftl(["generate", run_dir, "--prompt", "The with", "--max-new-tokens", "5", "--seed", "1"]))
@@ -94,6 +99,12 @@ def test_generate_and_eval_on_the_exported_model(lm_run):
     # the same numbers the run logged at its end: same split, same samples
     logged = [r for r in read_metrics(run_dir) if "eval_loss" in r][-1]
     assert res["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-4)
+    # without --data: the run's own data source (its config.yaml), so the same numbers
+    own = check(run_ftl(["eval", run_dir, "--json", "--max-batches", "2", "--batch-size", "4"]))
+    assert json.loads(own.stdout) == res
+    shutil.copytree(run_dir / "final", tmp_path / "model")  # a model directory alone knows no data
+    bare = run_ftl(["eval", tmp_path / "model"])
+    assert bare.returncode == 2 and "--data is needed" in bare.stderr and "Traceback" not in bare.stderr
 
 
 def test_rerun_resumes_and_export_command(lm_run, tmp_path):

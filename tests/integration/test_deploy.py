@@ -121,6 +121,45 @@ def test_torchscript_and_classifier_exports(lm_run, cls_dir, tmp_path):
     assert got.shape == (3, 3) and (torch.from_numpy(got) - ref).abs().max() < 1e-4  # pooled at the last real token
 
 
+def test_onnx_kv_cache_export_generates_as_transformers_does(lm_run, cls_dir, tmp_path, capsys):
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "kv"
+    cli.main(["export", str(lm_run / "final"), "--format", "onnx-kv", "--out", str(out)])
+    assert "(onnx-kv); check: onnxruntime" in capsys.readouterr().out
+    report = json.loads((out / "export.json").read_text())
+    assert report["format"] == "onnx-kv" and report["max_abs_diff"] < 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(lm_run / "final").eval()
+    layers, heads, dim = hf.config.n_layer, hf.config.n_head, hf.config.n_embd // hf.config.n_head
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    cache = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids",
+                                                   *[f"past_key_values.{c}" for c in cache]]
+    assert [o.name for o in sess.get_outputs()] == ["logits", *[f"present.{c}" for c in cache]]
+
+    # greedy decoding through the cache, on prompts and a batch size the export never saw, left-padded,
+    # gives transformers' generate tokens; after the prompt's pass each call feeds one token per row
+    tok = data.load_tokenizer(str(out))
+    prompts, steps = ["def f(x):", "The import statement is", "x"], []
+    got = deploy.onnx_generate(sess, tok, prompts, 10, layers, heads, dim, steps)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = hf.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    assert got == ref[:, enc["input_ids"].shape[1]:].tolist()
+    width = enc["input_ids"].shape[1]
+    for i, ((ids, mask, _, past), _) in enumerate(steps):
+        assert ids.shape == (3, width if i == 0 else 1) and past[0].shape == (3, heads, 0 if i == 0 else width + i - 1, dim)
+
+    # a classifier has no cache to export: refused before anything is written
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(cls_dir), "--format", "onnx-kv", "--out", str(tmp_path / "cls-kv")])
+    assert e.value.code == 2 and "--format onnx-kv needs a language model" in capsys.readouterr().err
+    assert not (tmp_path / "cls-kv").exists()
+
+
 def test_an_export_that_does_not_match_fails_loudly_and_leaves_nothing(lm_run, tmp_path, monkeypatch, capsys):
     real_check = deploy.check_onnx
 

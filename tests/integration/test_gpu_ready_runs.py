@@ -34,7 +34,9 @@ def test_deepspeed_bf16_runs_pass_their_export_checks(tmp_path):
     assert (run / "best" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
     assert max(r["step"] for r in read_metrics(run) if "loss" in r) == 4
     # the DeepSpeed JSON says what runs: fp32 accumulation and reduction (stage 2)
-    ds = json.loads(re.search(r"deepspeed config \(.*?\): (\{.*\})", proc.stdout).group(1))
+    ds = json.loads(re.search(r"deepspeed config \(.*?\): (\{.*\})", proc.stderr).group(1))
+    assert "deepspeed: ZeRO stage 2, DeepSpeedZeroOptimizer over AdamW, parameters bfloat16, gradients " \
+           "accumulated in float32 and reduced in float32" in proc.stderr
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
 
 

@@ -188,12 +188,15 @@ def test_bad_sweeps_name_every_problem_and_write_nothing(tmp_path, tokenizer_dir
     import shutil
 
     shutil.rmtree(out)
-    # data problems show up when the first trial starts: still exit 2, and the sweep directory goes away
-    with pytest.raises(SystemExit) as e:
-        cli.main(["sweep", "--out", str(out), "--grid", "optim.lr=1e-3,2e-3", "--set",
-                  f"data.source={tmp_path / 'missing.jsonl'}"])
-    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
-    assert not out.exists()
+    # problems of the data every trial shares are found before trial 0 starts: exit 2, nothing written
+    (tmp_path / "nocol.jsonl").write_text('{"body": "some text here"}\n' * 4)
+    for source, problem in (("missing.jsonl", "no such file"), ("nocol.jsonl", "data.text_column 'text' is not in")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["sweep", "--out", str(out), "--grid", "optim.lr=1e-3,2e-3", "--set",
+                      f"data.source={tmp_path / source}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and problem in err and "trial-000" not in err, err
+        assert not out.exists()
 
 
 def _slurm_ready() -> str:

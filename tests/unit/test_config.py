@@ -91,3 +91,25 @@ def test_resolved_config_round_trips(tmp_path):
     f.write_text(cfg.to_yaml())
     assert load_config(str(f)) == cfg
     assert isinstance(Config().to_dict()["optim"]["betas"], list)
+
+
+def test_every_builtin_source_is_documented():
+    """`ftl config keys` (the data.source help) names every builtin:<name> the engine registers."""
+    from engine import data
+    from engine.config import describe
+
+    (help_text,) = [h for key, _, _, h in describe() if key == "data.source"]
+    assert set(data.BUILTINS) >= {"pydoc", "stdlib", "stdlib_packages"}
+    for name in data.BUILTINS:
+        assert f"builtin:{name} " in help_text, name
+
+
+def test_epochs_or_max_steps():
+    from engine.config import load_config
+
+    assert load_config(None, ["train.epochs=1.5"]).train.epochs == 1.5
+    with pytest.raises(UsageError, match="train.epochs=2 and train.max_steps=10 are both set"):
+        load_config(None, ["train.epochs=2", "train.max_steps=10"])
+    with pytest.raises(UsageError, match="train.epochs must be >= 0"):
+        load_config(None, ["train.epochs=-1"])
+    assert load_config(None, ["train.epochs=0", "train.max_steps=10"]).train.max_steps == 10  # epochs 0: unset

@@ -244,6 +244,21 @@ def test_slurm_script_deepspeed_and_cpu(capsys, tmp_path, monkeypatch):
     assert "--launcher deepspeed" in out and "--node-rank" in out  # the deepspeed template's body
 
 
+def test_deepspeed_launcher_with_a_ddp_config_warns(capsys, tmp_path, monkeypatch):
+    """It trains DDP (the launcher only starts processes): allowed, since DDP under DeepSpeed's launcher works,
+    but said, since it is rarely what was meant."""
+    monkeypatch.chdir(tmp_path)
+    warning = "warning: --launcher deepspeed only starts the ranks; dist.backend=ddp trains with DDP, not DeepSpeed ZeRO"
+    slurm = ["slurm", "--launcher", "deepspeed", "--gpus-per-node", "0", "--set", f"run.dir={tmp_path}/r"]
+    for args in (slurm, ["launch", "--launcher", "deepspeed", "--dry-run"]):
+        main(args)
+        captured = capsys.readouterr()
+        assert warning in captured.err and "dist.backend=deepspeed" in captured.err and warning not in captured.out
+    for args in ([*slurm, "--set", "dist.backend=deepspeed"], ["launch", "--dry-run"]):
+        main(args)
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_slurm_sweep_writes_the_grid(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = ftl(capsys, "slurm", "--gpus-per-node", 1, "--grid", "optim.lr=1e-4,3e-4", "--grid", "train.micro_batch=8,16",
