@@ -64,7 +64,8 @@ def test_a_failed_export_check_keeps_the_run_says_what_differed_and_exits_1(tmp_
 def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compiling_fails(tmp_path, monkeypatch,
                                                                                           capfd):
     """head=cls (transformers' GPT2ForSequenceClassification forward, pooled at the last real token) compiles
-    into one graph with no graph break and gives eager's losses, in one process and under 2-rank ZeRO-2 (the
+    into one graph with no graph break and gives eager's losses, in one process and under 2-rank ZeRO-2, and so
+    does packed LM data (data.isolate_documents: per-document positions and masks, as packed SFT trains) (the
     lm head, in one process, 2-rank DDP and ZeRO 0-2: test_fastpath_runs.py). A
     compiler that fails at the first compiled step (FTL_FAULT_INJECT=compile_fail: a broken Triton or C++
     toolchain) costs a warning, not the run: eager's losses again."""
@@ -92,6 +93,20 @@ def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compi
     assert "warning: model.compile: compiling the training step failed (BackendCompilerFailed" in err
     assert "continuing without compilation" in err
     assert losses["fallback"] == losses["eager"]
+    # packed examples (positions restarting per document, block-diagonal causal attention: fastpath point 6)
+    packed = {"data.isolate_documents": "true", "train.max_steps": 2, "train.sample_tokens": 0,
+              "perf.compile_backend": "aot_eager"}
+    monkeypatch.setenv("FTL_FAULT_INJECT", "")
+    for name, compiled in (("packed-eager", "false"), ("packed-compiled", "true")):
+        trainer = Trainer(tiny_config(tmp_path / name, **{**packed, "model.compile": compiled}), progress=False)
+        try:
+            trainer.train()
+            reports[name] = fastpath.compile_report()
+        finally:
+            trainer.close()
+        losses[name] = train_losses(tmp_path / name)
+    assert "with 0 graph break(s)" in reports["packed-compiled"], reports
+    assert losses["packed-compiled"] == pytest.approx(losses["packed-eager"], rel=1e-5)
     # the same cls step compiled under 2-rank DeepSpeed ZeRO-2 (2 x 2 samples = the 4 above): no graph break
     two = tmp_path / "zero2"
     monkeypatch.delenv("FTL_FAULT_INJECT")
