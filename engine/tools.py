@@ -365,8 +365,10 @@ def verify_weights(out: Path, weights: dict[str, torch.Tensor], head: str) -> No
             problems.append(f"{name}: shape {tuple(got.shape)} != {tuple(tensor.shape)}")
         elif not torch.equal(got.float(), tensor.float()):
             problems.append(f"{name}: values differ")
-    if problems:
-        raise RuntimeError(f"export {out} failed verification: " + "; ".join(problems[:5]))
+    if problems:  # an ExportCheckFailed: `ftl export` reports it in one line, exit 1, nothing left at --out
+        from engine.deploy import ExportCheckFailed
+
+        raise ExportCheckFailed(f"export {out} failed verification: " + "; ".join(problems[:5]))
 
 
 def lora_checkpoint_weights(state: dict, adapter: dict[str, torch.Tensor], tokenizer, labels) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -186,9 +187,16 @@ class Trainer:
     def _prepare_data(self) -> data.Prepared:
         """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
         cfg = self.cfg
-        problem, prepared = None, None
+        problem, prepared, raw = None, None, None
         try:
             raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
+        except UsageError as e:
+            problem = e
+        # Reading can fail on one rank only (a file one node cannot see). The steps below hold collectives (the
+        # tokenizer's broadcast, the tokenization cache's barriers), so the ranks agree right here: otherwise the
+        # failed rank waits in the agreement below while the others wait in a barrier, until the timeout.
+        self._raise_if_any_rank_failed(problem)
+        try:
             tokenizer = self._tokenizer(raw)
             transfer.add_tokens(tokenizer, cfg.data.add_tokens)
             prepared = data.prepare(raw, tokenizer, cfg.data, cfg.model.head, cfg.model.num_labels,
@@ -205,10 +213,14 @@ class Trainer:
         except UsageError as e:
             problem = e
         # Ranks agree before going on, so a bad file on one rank cannot leave the others waiting.
+        self._raise_if_any_rank_failed(problem)
+        return prepared
+
+    @staticmethod
+    def _raise_if_any_rank_failed(problem: UsageError | None) -> None:
         first = dist.agree_on_error(problem.render() if problem else None)
         if first:
             raise problem or UsageError(first.removeprefix("error: "))
-        return prepared
 
     def _tokenizer(self, raw):
         cfg = self.cfg
@@ -427,7 +439,12 @@ class Trainer:
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
                                      self.data.label_names, extras=adapter)
             dist.barrier()
-            diff = self.verify_export(out)
+            try:
+                diff = self.verify_export(out)
+            except Exception:
+                if self.env.is_main:  # a directory that failed its check must not stay where a good model belongs
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
         self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
                            f"(max |diff| {diff:.2g}) within tolerance {self.check_tolerance:.2g}")
         return diff
