@@ -64,9 +64,10 @@ def test_a_failed_export_check_keeps_the_run_says_what_differed_and_exits_1(tmp_
 def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compiling_fails(tmp_path, monkeypatch,
                                                                                           capfd):
     """head=cls (transformers' GPT2ForSequenceClassification forward, pooled at the last real token) compiles
-    into one graph with no graph break and gives eager's losses, in one process and under 2-rank ZeRO-2, and so
-    does packed LM data (data.isolate_documents: per-document positions and masks, as packed SFT trains) (the
-    lm head, in one process, 2-rank DDP and ZeRO 0-2: test_fastpath_runs.py). A
+    into one graph with no graph break and gives eager's losses, in one process and under 2-rank ZeRO-2; so do
+    packed SFT (data.format=prompt_completion, packed: per-example positions, block-diagonal mask, prompt tokens
+    masked out of the loss) and packed text with data.isolate_documents (the lm head unpacked, in one process,
+    2-rank DDP and ZeRO 0-2: test_fastpath_runs.py). A
     compiler that fails at the first compiled step (FTL_FAULT_INJECT=compile_fail: a broken Triton or C++
     toolchain) costs a warning, not the run: eager's losses again."""
     from engine import fastpath
@@ -93,20 +94,27 @@ def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compi
     assert "warning: model.compile: compiling the training step failed (BackendCompilerFailed" in err
     assert "continuing without compilation" in err
     assert losses["fallback"] == losses["eager"]
-    # packed examples (positions restarting per document, block-diagonal causal attention: fastpath point 6)
-    packed = {"data.isolate_documents": "true", "train.max_steps": 2, "train.sample_tokens": 0,
-              "perf.compile_backend": "aot_eager"}
+    # packed examples (positions restarting per example, block-diagonal causal attention: fastpath point 6)
+    from tests.distributed.test_sft_parity import write_sft_data
+
+    common = {"train.max_steps": 2, "train.sample_tokens": 0, "perf.compile_backend": "aot_eager"}
+    packed = {"sft": {"data.source": write_sft_data(tmp_path / "pairs.jsonl", 64), "data.format": "prompt_completion",
+                      "data.pack": "true", "data.seq_len": 48, "data.tokenizer_vocab": 400, "eval.generations": 0},
+              "text": {"data.isolate_documents": "true"}}
     monkeypatch.setenv("FTL_FAULT_INJECT", "")
-    for name, compiled in (("packed-eager", "false"), ("packed-compiled", "true")):
-        trainer = Trainer(tiny_config(tmp_path / name, **{**packed, "model.compile": compiled}), progress=False)
-        try:
-            trainer.train()
-            reports[name] = fastpath.compile_report()
-        finally:
-            trainer.close()
-        losses[name] = train_losses(tmp_path / name)
-    assert "with 0 graph break(s)" in reports["packed-compiled"], reports
-    assert losses["packed-compiled"] == pytest.approx(losses["packed-eager"], rel=1e-5)
+    for kind, overrides in packed.items():
+        for name, compiled in ((f"{kind}-eager", "false"), (f"{kind}-compiled", "true")):
+            trainer = Trainer(tiny_config(tmp_path / name, **{**common, **overrides, "model.compile": compiled}),
+                              progress=False)
+            try:
+                trainer.train()
+                reports[name] = fastpath.compile_report()
+            finally:
+                trainer.close()
+            losses[name] = train_losses(tmp_path / name)
+        assert "with 0 graph break(s)" in reports[f"{kind}-compiled"], (kind, reports)
+        assert losses[f"{kind}-compiled"] == pytest.approx(losses[f"{kind}-eager"], rel=1e-5), kind
+    assert "packing efficiency" in capfd.readouterr().err  # the SFT run did pack
     # the same cls step compiled under 2-rank DeepSpeed ZeRO-2 (2 x 2 samples = the 4 above): no graph break
     two = tmp_path / "zero2"
     monkeypatch.delenv("FTL_FAULT_INJECT")
