@@ -484,3 +484,24 @@ def test_bench_isolates_each_implementations_settings_and_reports_a_failed_point
     assert "FAILED (1)" in text and "hf failed: RuntimeError: Error building extension 'fused_adam'" in text
     with pytest.raises(UsageError):
         bench._attempt(row, "ours", env, lambda: load_config(None, ["train.micro_batch=0"]))
+
+
+# --------------------------------------------------------------------------------- compile by default
+
+@pytest.mark.parametrize("backend, stage, device, expected", [
+    ("ddp", 0, "cuda", True), ("deepspeed", 2, "cuda", True), ("deepspeed", 3, "cuda", False),
+    ("ddp", 0, "cpu", False)])
+def test_compile_is_on_by_default_on_cuda(tmp_path, monkeypatch, backend, stage, device, expected):
+    """model.compile left empty: on for a CUDA device with DDP or ZeRO 0-2, off on the CPU and for ZeRO-3 (a
+    CUDA-typed device needs no GPU to decide). Without Triton, inductor cannot compile for CUDA: a warning, eager."""
+    cfg = tiny_config(tmp_path / "r")
+    cfg.model.compile, cfg.dist.backend, cfg.dist.zero_stage = None, backend, stage
+    monkeypatch.setattr(fastpath, "_has_triton", lambda: True)
+    assert fastpath.resolve_compile(cfg, torch.device(device)) is expected
+    assert fastpath.resolve_compile(cfg, torch.device(device), supported=False) is False
+    said = []
+    monkeypatch.setattr(fastpath, "_has_triton", lambda: False)
+    assert fastpath.resolve_compile(cfg, torch.device(device), log=said.append) is False
+    assert bool(said) is expected and all("needs Triton" in s and "without compilation" in s for s in said)
+    cfg.model.compile = False
+    assert fastpath.resolve_compile(cfg, torch.device(device)) is False
