@@ -66,8 +66,8 @@ def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compi
     """head=cls (transformers' GPT2ForSequenceClassification forward, pooled at the last real token) compiles
     into one graph with no graph break and gives eager's losses, in one process and under 2-rank ZeRO-2; so do
     packed SFT (data.format=prompt_completion, packed: per-example positions, block-diagonal mask, prompt tokens
-    masked out of the loss) and packed text with data.isolate_documents (the lm head unpacked, in one process,
-    2-rank DDP and ZeRO 0-2: test_fastpath_runs.py). A
+    masked out of the loss; packed text with data.isolate_documents takes the same causal_body path) (the lm head
+    unpacked, in one process, 2-rank DDP and ZeRO 0-2: test_fastpath_runs.py). A
     compiler that fails at the first compiled step (FTL_FAULT_INJECT=compile_fail: a broken Triton or C++
     toolchain) costs a warning, not the run: eager's losses again."""
     from engine import fastpath
@@ -99,8 +99,7 @@ def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compi
 
     common = {"train.max_steps": 2, "train.sample_tokens": 0, "perf.compile_backend": "aot_eager"}
     packed = {"sft": {"data.source": write_sft_data(tmp_path / "pairs.jsonl", 64), "data.format": "prompt_completion",
-                      "data.pack": "true", "data.seq_len": 48, "data.tokenizer_vocab": 400, "eval.generations": 0},
-              "text": {"data.isolate_documents": "true"}}
+                      "data.pack": "true", "data.seq_len": 48, "data.tokenizer_vocab": 400, "eval.generations": 0}}
     monkeypatch.setenv("FTL_FAULT_INJECT", "")
     for kind, overrides in packed.items():
         for name, compiled in ((f"{kind}-eager", "false"), (f"{kind}-compiled", "true")):
