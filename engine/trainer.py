@@ -370,9 +370,10 @@ class Trainer:
         self.last_eval = report.scalars
         return report.scalars
 
-    def track_best(self, scalars: dict, final: Path | None = None) -> bool:
-        """eval.metric: export best/ on a new best (a copy of `final` when given); True when patience has
-        run out. Every rank decides alike: the scalars are already reduced over ranks."""
+    def track_best(self, scalars: dict, final: Path | None = None, final_failed: bool = False) -> bool:
+        """eval.metric: export best/ on a new best (a copy of `final` when given; left as it was when final/
+        failed its check and was removed); True when patience has run out. Every rank decides alike: the
+        scalars are already reduced over ranks."""
         best = self.best
         if not best.update(self.step, scalars):
             stop = best.should_stop and not final
@@ -382,6 +383,10 @@ class Trainer:
                                    f"{best.bad_evals} evaluations (best {best.best:.4g} at step {best.best_step})")
             return stop
         if self.cfg.eval.save_best:
+            if final_failed:  # final/ failed its check and was removed: nothing to copy
+                self.metrics.print(f"new best {best.key} {best.best:.4g} at step {self.step}: best/ not updated "
+                                   f"(final/ failed its export check)")
+                return False
             if final is not None:
                 if self.env.is_main:
                     evaluation.copy_model_dir(final, self.run_dir / "best")
@@ -399,8 +404,8 @@ class Trainer:
             return True
         except ExportMismatch as e:
             self.export_failures.append(f"{out.name}/ at step {self.step}: {e}")
-            self.metrics.print(f"error: export check FAILED for {out}/ (the files are kept; training goes on and "
-                               f"the run will exit 1): {e}")
+            self.metrics.print(f"error: export check FAILED for {out}/ (removed, so it cannot pass for a good model; "
+                               f"checkpoints are kept; training goes on and the run will exit 1): {e}")
             return False
 
     def _check_base(self, saved: str | None) -> None:
@@ -496,18 +501,18 @@ class Trainer:
         self.fault.loop_done()
         ckpt = self.save_checkpoint()
         final = self.run_dir / "final"
-        self.export_checked(final)
+        final_ok = self.export_checked(final)
         if self.best.stopped:  # the evaluation that stopped the run was of these very weights
             after = self.last_eval
         else:
             after = self.evaluate()
             m.log(self.step, after)
             m.print(f"eval after training: {_fmt(after)}")
-            self.track_best(after, final=final)
+            self.track_best(after, final=final, final_failed=not final_ok)
         summary = {"step": self.step, **last_row, **after, "final": str(final), "checkpoint": str(ckpt)}
         if self.env.is_main:
             # prompt_completion/chat runs show greedy completions of held-out prompts at every evaluation instead
-            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens and not self.data.sft:
+            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens and not self.data.sft and final_ok:
                 text = sample(final, self.cfg.train.sample_prompt, self.cfg.train.sample_tokens, self.cfg.run.seed)
                 m.text("sample", text, self.step)
                 m.print("sample: " + json.dumps(text))

@@ -43,7 +43,9 @@ def test_deepspeed_bf16_runs_pass_their_export_checks(tmp_path):
 def test_a_failed_export_check_keeps_the_run_says_what_differed_and_exits_1(tmp_path):
     """FTL_FAULT_INJECT=bad_export makes the reloaded model's logits differ at one position (a broken export as
     the check sees it). The step-0 best/ check fails: training goes on to the end, saves its checkpoint, writes
-    final/ (whose check fails too), evaluates, and only then exits 1 naming both failures and the checkpoint."""
+    final/ (whose check fails too), evaluates, and only then exits 1 naming both failures and the checkpoint.
+    A directory that failed its check is removed (issue 18: it must not pass for a good model); the checkpoint
+    stays, and best/ is not copied from the failed final/."""
     run = tmp_path / "run"
     proc = run_ftl(["train", *tiny_overrides(run, **{"train.max_steps": 3, "train.eval_every": 2,
                                                       "eval.metric": "eval_loss", "train.sample_tokens": 0})],
@@ -51,14 +53,15 @@ def test_a_failed_export_check_keeps_the_run_says_what_differed_and_exits_1(tmp_
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err
-    assert "error: export check FAILED for" in err and "training goes on" in err
+    assert "error: export check FAILED for" in err and "training goes on" in err and "checkpoints are kept" in err
     assert re.search(r"max \|difference\| 1 at sample \d, position \d+, token \d+ \(engine [-\d.e]+, reloaded", err)
     stopped = err[err.index("stopped: "):]
     assert "best/ at step 0" in stopped and "final/ at step 3" in stopped
     assert "checkpoints/step-000003 is complete and kept" in stopped
     assert max(r["step"] for r in read_metrics(run) if "loss" in r) == 3  # trained to the end
     assert any("eval_loss" in r and r["step"] == 3 for r in read_metrics(run))  # and evaluated
-    assert (run / "checkpoints" / "step-000003" / "COMPLETE").exists() and (run / "final" / "config.json").is_file()
+    assert (run / "checkpoints" / "step-000003" / "COMPLETE").exists() and not (run / "final").exists()
+    assert "best/ not updated (final/ failed its export check)" in err
 
 
 def test_compiled_step_has_no_graph_break_equals_eager_and_falls_back_when_compiling_fails(tmp_path, monkeypatch,
