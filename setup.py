@@ -29,6 +29,7 @@ setup(
         "pyyaml>=6.0",
         "numpy>=1.24",
         "safetensors>=0.4",
+        "xxhash>=3.0",  # checkpoint digests (engine/integrity.py); datasets needs it too
         "tqdm>=4.66",
         # ftl export --format onnx (torch.onnx's exporter needs onnxscript; the check runs onnxruntime)
         "onnx>=1.16",

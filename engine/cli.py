@@ -1,7 +1,8 @@
 """The `ftl` command line. It parses and dispatches; the work happens in the modules it calls.
 
-Exit codes: 0 done, 2 bad usage/config/data (one message naming every problem, nothing written),
-anything else a runtime failure.
+Exit codes (engine/errors.py, docs/fault-tolerance.md): 0 done; 2 a user mistake (one message naming every
+problem, nothing written); 1 a runtime failure (a full disk: "no space left on device" and where);
+3 diverged; 4 hung; 75 preempted (requeue); 130 Ctrl-C (after the checkpoint).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from engine.errors import RunStopped, UsageError
+from engine.errors import DiskFull, RunStopped, StoppedEarly, UsageError
 
 SET_HELP = "Override a config key, e.g. --set train.max_steps=50 (repeatable)."
 
@@ -248,17 +249,22 @@ def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, te
                    "logits (checked with onnxruntime); onnx-kv: language models, model.onnx with a KV cache "
                    "(past_key_values.<i>.key/value in, present.<i>.key/value out) for generation, checked against "
                    "transformers' generate; torchscript: model.pt. Each is checked before --out appears.")
-def export(checkpoint_dir, out, fmt):
-    """Export a checkpoint, a run (its newest checkpoint) or a model directory (a run's final/).
+@click.option("--force", is_flag=True,
+              help="Replace --out if an earlier `ftl export` wrote it (its export.json lists its files); "
+                   "any other existing, non-empty --out is always refused.")
+def export(checkpoint_dir, out, fmt, force):
+    """Export a checkpoint, a run (its newest checkpoint that verifies) or a model directory (a run's final/).
 
+    A checkpoint's files are checked against their digests first (a damaged checkpoint named here exits 2).
     Every format is reloaded and compared with the PyTorch model's logits; a mismatch exits 1 and
-    leaves nothing at --out. The check's numbers are saved in OUT/export.json.
+    leaves nothing at --out. The check's numbers are saved in OUT/export.json. --out is never a directory
+    the export did not write: a non-empty one exits 2 (see --force).
     """
     _quiet_libraries()
     from engine import deploy
 
     try:
-        report = deploy.export(Path(checkpoint_dir), Path(out), fmt)
+        report = deploy.export(Path(checkpoint_dir), Path(out), fmt, force=force)
     except deploy.ExportCheckFailed as e:
         click.echo(f"error: export check FAILED, nothing written to {out}: {e}", err=True)
         sys.exit(1)
@@ -695,9 +701,20 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         _report(e.render())
         sys.exit(e.exit_code)
-    except RunStopped as e:  # preempted (75) or diverged (3): a message, not a traceback
+    except (RunStopped, StoppedEarly) as e:  # preempted (75), Ctrl-C (130), diverged (3): a message, no traceback
         _report(f"stopped: {e}")
         sys.exit(e.exit_code)
+    except DiskFull as e:
+        _report(f"error: {e}", every_rank=True)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        from engine.checkpoint import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        _report(f"error: no space left on device while writing {e.filename or 'a file'} ({e.strerror or e})",
+                every_rank=True)
+        sys.exit(DiskFull.exit_code)
     except click.exceptions.Abort:
         _report("aborted")
         sys.exit(130)
@@ -708,11 +725,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def _report(message: str) -> None:
+def _report(message: str, every_rank: bool = False) -> None:
     from engine.dist import launcher_env
 
-    if launcher_env()["rank"] == 0:  # one message for the job, not one per rank
+    rank = launcher_env()["rank"]
+    if rank == 0:  # one message for the job, not one per rank
         click.echo(message, err=True)
+    elif every_rank:  # where it happened may be another rank's own disk
+        click.echo(f"[rank {rank}] {message}", err=True)
 
 
 if __name__ == "__main__":

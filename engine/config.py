@@ -428,12 +428,16 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(0, "Save a checkpoint every N steps (0: only at the end).")
-    keep: int = opt(2, "Keep the newest N checkpoints.")
-    resume: str = opt("auto", "auto: newest complete checkpoint in the run directory; none: start fresh; or a checkpoint path.")
+    every: int = opt(0, "Save a checkpoint every N steps (0: only at the end, and every_minutes).")
+    every_minutes: float = opt(30.0, "Also save a checkpoint when this many minutes have passed since the last one "
+                                     "(rank 0's clock decides; every rank saves at the same step). 0: off.")
+    keep: int = opt(2, "Keep the newest N checkpoints (and the newest one that verified, until a newer one does).")
+    resume: str = opt("auto", "auto: the newest complete checkpoint in the run directory that verifies against its "
+                              "digests; none: start fresh; or a checkpoint path (it must verify).")
 
     def problems(self, cfg: "Config") -> list[str]:
-        p = positive("checkpoint.every", self.every, True) + positive("checkpoint.keep", self.keep)
+        p = (positive("checkpoint.every", self.every, True) + positive("checkpoint.keep", self.keep)
+             + positive("checkpoint.every_minutes", self.every_minutes, True))
         if self.resume not in ("auto", "none") and not Path(self.resume).exists():
             p.append(f"checkpoint.resume: no checkpoint at {self.resume!r} (use auto, none or an existing checkpoint directory)")
         return p
@@ -706,13 +710,57 @@ def _unknown(key: str, known: list[str]) -> str:
     return f"unknown config key {key!r}{hint}"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML keeps
+    the last one silently); every repeat is collected, with both line numbers."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.repeated: list[str] = []
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.repeated.append(f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would keep "
+                                     f"only the last: remove one")
+            else:
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, path: str):
+    loader = _StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if loader.repeated:
+        raise UsageError([f"config file {path}: {r}" for r in loader.repeated])
+    return data
+
+
+def _json_pairs(path: str):
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise UsageError([f"config file {path}: key {k!r} is given twice in one object; remove one" for k in twice])
+        return dict(pairs)
+    return hook
+
+
 def _read_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
         text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_json_pairs(path)) if p.suffix == ".json" else _load_yaml(text, path)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot parse config file {path}: {e}".strip()) from None
     if data is None:
@@ -802,5 +850,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def dump_resolved(cfg: Config, path: Path, header: str = "") -> None:
-    """config.yaml: the config the run used, every value resolved (`header`: comment lines on top)."""
-    path.write_text(header + cfg.to_yaml(), encoding="utf-8")
+    """config.yaml: the config the run used, every value resolved (`header`: comment lines on top), replaced
+    whole (a temporary name, then a rename): never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(header + cfg.to_yaml(), encoding="utf-8")
+    os.replace(tmp, path)

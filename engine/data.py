@@ -133,12 +133,20 @@ def load_source(src: str):
         kw = {"sample_by": "paragraph"} if kind == "text" else {}
         if kind == "csv" and any(f.endswith(".tsv") for f in files):
             kw["sep"] = "\t"
+        problems = [p for f in files for p in file_problems(Path(f), kind)]  # empty, binary, not UTF-8: before reading
+        if problems:
+            raise UsageError([f"data.source {src!r}: {p}" for p in problems])
         try:
+            # Its own log of a parse error (a traceback) is replaced by the message below, which says where.
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
             dd = datasets.load_dataset(kind, data_files={"train": files}, **kw)
         except Exception as e:  # datasets raises many types for unreadable files
             if "corresponds to no data" in str(e):
                 raise UsageError(f"data.source {src!r}: the training split is empty") from None
-            raise UsageError(f"data.source {src!r}: cannot read it as {kind}: {type(e).__name__}: {e}") from None
+            raise UsageError(f"data.source {src!r}: cannot read it as {kind}: "
+                             f"{explain_read_error(files, kind, e)}") from None
+        finally:
+            datasets.logging.set_verbosity_error()
     else:
         name, _, config = src.partition(":")
         try:
@@ -147,6 +155,119 @@ def load_source(src: str):
             raise UsageError(f"data.source {src!r}: not a builtin, not an existing file, and not a loadable hub "
                              f"dataset ({type(e).__name__}: {e})") from None
     return dd
+
+
+TEXT_KINDS = ("text", "json", "csv")
+_SNIFF = 1 << 16
+
+
+def file_problems(path: Path, kind: str, whole: bool = False) -> list[str]:
+    """What makes a local data file unusable, found cheaply before `datasets` reads it: empty, binary (NUL
+    bytes in its first 64 KiB), not UTF-8 in its first 64 KiB. whole=True decodes all of it (1 MiB at a
+    time), which is done only after `datasets` failed, to say where."""
+    size = path.stat().st_size
+    if size == 0:
+        return [f"{path} is empty (0 bytes)"]
+    if kind not in TEXT_KINDS:
+        return []
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        block = f.read(_SNIFF)
+        if b"\0" in block:
+            return [f"{path} is a binary file (it holds NUL bytes), not text"]
+        if kind == "text" and len(block) == size and not block.strip():
+            return [f"{path} holds no text (only whitespace)"]
+        while block:
+            try:
+                decoder.decode(block, final=False)
+            except UnicodeDecodeError as e:
+                line += block[: e.start].count(b"\n")
+                return [f"{path} is not UTF-8 text: byte 0x{block[e.start]:02x} at offset {offset + e.start} "
+                        f"(line {line}) cannot be decoded; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"]
+            if not whole:
+                return []
+            line += block.count(b"\n")
+            offset += len(block)
+            block = f.read(1 << 20)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return [f"{path} is not UTF-8 text: it ends in the middle of a character (truncated?)"]
+    return []
+
+
+def explain_read_error(files: list[str], kind: str, error: Exception) -> str:
+    """What went wrong inside `datasets`, as the user can fix it: the underlying cause (not the wrapper
+    `DatasetGenerationError`) and, for JSON lines and CSV, the file and line it is on."""
+    cause = error
+    while (cause.__cause__ or cause.__context__) is not None and type(cause).__name__ == "DatasetGenerationError":
+        cause = cause.__cause__ or cause.__context__
+    why = f"{type(cause).__name__}: {cause}".strip()
+    for f in files:
+        where = "; ".join(file_problems(Path(f), kind, whole=True)) or _locate(Path(f), kind, str(cause))
+        if where:
+            return f"{where} ({why})"
+    return why
+
+
+def _locate(path: Path, kind: str, message: str) -> str | None:
+    """The first line of `path` that explains a parse failure, by reading it the way the format is defined."""
+    import csv
+    import json
+    import re
+
+    try:
+        if kind == "json" and path.suffix.lower() == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                types: dict[str, tuple[str, int]] = {}
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:
+                        return f"{path} line {n} is not valid JSON ({e}): {line.strip()[:80]!r}"
+                    if not isinstance(row, dict):
+                        return f"{path} line {n} is not a JSON object: {line.strip()[:80]!r}"
+                    for k, v in row.items():
+                        t = _json_kind(v)
+                        if t != "null" and types.setdefault(k, (t, n))[0] != t:
+                            first_t, first_n = types[k]
+                            return (f"{path} line {n}: column {k!r} holds a {t} ({v!r:.40}) but line {first_n} has a "
+                                    f"{first_t}; make the column one type")
+        elif kind == "json":
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        elif kind == "csv":
+            m = re.search(r"Failed to parse string: '(.*)' as a scalar of type (\w+)", message)
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+                header = next(reader, [])
+                for n, row in enumerate(reader, 2):
+                    if len(row) != len(header):
+                        return f"{path} line {n} has {len(row)} fields, the header has {len(header)}"
+                    if m and m.group(1) in row:
+                        col = header[row.index(m.group(1))]
+                        return (f"{path} line {n}: column {col!r} holds {m.group(1)!r}, but its earlier rows were "
+                                f"read as {m.group(2)}; make the column one type (e.g. all text)")
+    except ValueError as e:
+        return f"{path} is not valid JSON ({e})"
+    except OSError:
+        return None
+    return None
+
+
+def _json_kind(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(v), type(v).__name__)
 
 
 def _looks_like_files(src: str) -> bool:
@@ -162,11 +283,14 @@ def _train_validation(dd, cfg: DataConfig, seed: int):
         return datasets.DatasetDict({"train": train, "validation": dd[val_name]})
     if cfg.val_fraction == 0 or len(train) == 0:
         return datasets.DatasetDict({"train": train, "validation": train.select([])})
+    if len(train) == 1 and cfg.text_column not in train.column_names:
+        return datasets.DatasetDict({"train": train, "validation": train.select([])})  # _check_columns says why
     if len(train) == 1 and cfg.text_column in train.column_names:
         # One document: hold out its tail rather than nothing.
-        text = train[0][cfg.text_column]
+        row = train[0]  # once: a single document can be a 50 MB line
+        text = row[cfg.text_column]
         cut = int(len(text) * (1 - cfg.val_fraction))
-        one = {k: [v] for k, v in train[0].items()}
+        one = {k: [v] for k, v in row.items()}
         head, tail = dict(one, **{cfg.text_column: [text[:cut]]}), dict(one, **{cfg.text_column: [text[cut:]]})
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict(head), "validation": datasets.Dataset.from_dict(tail)})
     n_val = max(1, int(round(len(train) * cfg.val_fraction)))
@@ -211,11 +335,21 @@ def ensure_pad(tok):
 
 
 def train_bpe(texts, vocab_size: int):
-    """A byte-level BPE trained here, so runs without a pretrained tokenizer stay offline."""
+    """A byte-level BPE trained here, so runs without a pretrained tokenizer stay offline. `texts` yields
+    batches of documents; long ones are fed in pieces (`pieces`), which bounds the trainer's memory and
+    counts the same words."""
     from tokenizers import ByteLevelBPETokenizer
 
+    def in_pieces():
+        for batch in texts:
+            if any(len(t) > PIECE_CHARS for t in batch):
+                yield [p for t in batch for p in pieces(t)]
+            else:
+                yield batch
+
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    bpe.train_from_iterator(in_pieces(), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
     return tokenizer_from_json(bpe._tokenizer.to_str())
 
 
@@ -240,20 +374,64 @@ def text_iterator(ds, column: str, batch: int = 1000) -> Iterator[list[str]]:
 
 # ----------------------------------------------------------------------------------------- processing
 
+# A document longer than this many characters is tokenized a piece at a time. A fast tokenizer given one
+# 50 MB line holds offsets and token strings for all of it at once (7.6 GB peak RSS measured); in pieces
+# the memory is that of one piece plus the ids.
+PIECE_CHARS = 1 << 20
+
+
+def pieces(text: str, size: int | None = None) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, each cut just before a space that follows a
+    non-space. GPT-2's byte-level pre-tokenizer splits there too (a pre-token holds a space only as its
+    first character, or in a run of whitespace), so the pieces' tokens are exactly the whole text's. A
+    stretch of `size` characters without such a space is cut where it ends."""
+    size = size or PIECE_CHARS
+    out, start, n = [], 0, len(text)
+    while n - start > size:
+        cut = start + size
+        while True:
+            cut = text.rfind(" ", start + 1, cut)
+            if cut <= start:
+                cut = start + size
+                break
+            if not text[cut - 1].isspace():
+                break
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def token_ids(tokenizer, texts: list[str]) -> list:
+    """Token ids of each text (no special tokens added); long texts are tokenized in `pieces`."""
+    ids: list = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+    if short:
+        for i, x in zip(short, tokenizer([texts[i] for i in short], add_special_tokens=False)["input_ids"]):
+            ids[i] = x
+    for i, t in enumerate(texts):
+        if ids[i] is None:
+            ids[i] = np.concatenate([np.asarray(tokenizer(p, add_special_tokens=False)["input_ids"], dtype=np.int64)
+                                     for p in pieces(t)])
+    return ids
+
+
 def _tokenize_lm(tokenizer, column: str, seq_len: int, pack: bool, window: WindowSpec | None = None):
     eos = tokenizer.eos_token_id
 
     def fn(batch):
-        ids = tokenizer([t or "" for t in batch[column]], add_special_tokens=False)["input_ids"]
+        ids = token_ids(tokenizer, [t or "" for t in batch[column]])
         if not pack and window is not None:  # every token a target once; `skip` masks the overlap's targets
-            rows = [w for x in ids for w in lm_windows(x, seq_len, window.stride, window.max_windows)]
+            rows = [w for x in ids for w in lm_windows(list(x), seq_len, window.stride, window.max_windows)]
             return {"input_ids": [r for r, _ in rows], "skip": [k for _, k in rows]}
         if not pack:
-            return {"input_ids": [x[: seq_len + 1] for x in ids if len(x) >= 2]}
-        # Pack: documents joined with EOS, cut into blocks of seq_len+1 (inputs and shifted targets).
-        flat = [t for x in ids for t in (*x, eos)]
+            return {"input_ids": [list(x[: seq_len + 1]) for x in ids if len(x) >= 2]}
+        # Pack: documents joined with EOS, cut into blocks of seq_len+1 (inputs and shifted targets), in
+        # numpy: a Python list of every token of a 50 MB document would take gigabytes.
+        flat = np.concatenate([np.append(np.asarray(x, dtype=np.int64), eos) for x in ids]) if ids else \
+            np.zeros(0, dtype=np.int64)
         n = len(flat) // (seq_len + 1) * (seq_len + 1)
-        return {"input_ids": [flat[i:i + seq_len + 1] for i in range(0, n, seq_len + 1)]}
+        return {"input_ids": flat[:n].reshape(-1, seq_len + 1)}
 
     return fn
 

@@ -5,6 +5,10 @@
 ONNX and TorchScript start from the Hugging Face model, so they always carry the model's real
 vocabulary, whatever padding the training engine used internally.
 
+DIR is never something the export did not write: an existing non-empty DIR is refused (exit 2) unless an
+earlier `ftl export` wrote it (its export.json lists its files) and --force is given; the source, the
+current directory and their parents are always refused (engine/ownership.py).
+
 Every format is checked before DIR appears (it is written under a temporary name and renamed last):
 - hf: reloaded by plain `transformers`, its weights must equal the source's exactly and its logits
   match the engine's model built from the same weights;
@@ -21,8 +25,6 @@ with the tokenizer's pad id, on the right).
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,19 +97,25 @@ def hf_source(path: Path, workdir: Path) -> tuple[Path, str]:
     if (path / "final").is_dir() and not (path / "checkpoints").is_dir():
         return path / "final", f"model directory {path / 'final'}"
     out = workdir / "hf"
-    tools.export_checkpoint(path, out)
-    return out, f"checkpoint {tools.resolve_checkpoint(path)}"
+    with tools.reading_checkpoint(path) as ckpt:
+        tools._export_checkpoint(ckpt, out)
+    return out, f"checkpoint {ckpt}"
 
 
-def export(path: Path, out: Path, fmt: str, opset: int = 18) -> dict:
-    """Write `fmt` to `out` (atomically) and return the round-trip report (also saved as export.json)."""
-    from engine import tools
+def export(path: Path, out: Path, fmt: str, opset: int = 18, force: bool = False) -> dict:
+    """Write `fmt` to `out` (atomically) and return the round-trip report (also saved as export.json).
+    An existing `out` is replaced only with force=True and only if an earlier export wrote it."""
+    from engine import ownership, tools
 
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    problems = [] if fmt in FORMATS else [f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})"]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    problems += ownership.target_problems(out, force, sources=[Path(path)])
+    if problems:
+        raise UsageError(problems)
+    try:
+        tmp = ownership.temp_sibling(out)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create a directory there ({e.strerror or e})") from None
     try:
         if fmt == "hf":
             if is_hf_dir(path):
@@ -123,10 +131,8 @@ def export(path: Path, out: Path, fmt: str, opset: int = 18) -> dict:
                 report = exporter(src, target, opset) if exporter else export_torchscript(src, target)
                 report["source"] = what
         report["format"] = fmt
-        (tmp / "model" / "export.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / "model", out)
+        ownership.stamp(tmp / "model", report)  # export.json: the check's numbers and the files written
+        ownership.replace_dir(tmp / "model", out, what="--out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

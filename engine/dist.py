@@ -64,6 +64,14 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+def job_ids() -> dict[str, str]:
+    """Who this process is in its scheduler (for the run lock's note and the resume hint): the SLURM job
+    id and requeue count, torchrun's restart count, where set."""
+    names = {"slurm_job_id": "SLURM_JOB_ID", "slurm_restart_count": "SLURM_RESTART_COUNT",
+             "torchelastic_restart_count": "TORCHELASTIC_RESTART_COUNT"}
+    return {key: os.environ[var] for key, var in names.items() if os.environ.get(var)}
+
+
 def elastic_store_problem() -> str | None:
     """A known torchrun trap: with `--max-restarts` and the c10d rendezvous store shared with the workers
     (the default since torch 2.5), restarted workers can read the previous attempt's keys and hang or

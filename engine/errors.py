@@ -1,7 +1,16 @@
 """Errors the CLI turns into exit codes.
 
-A `UsageError` is the user's to fix (bad config, missing file, bad column): the CLI prints every problem
-it carries in one message and exits 2, without a traceback. Everything else is a runtime failure.
+A `UsageError` is the user's to fix (bad config, missing file, bad column, a refused target, a damaged
+checkpoint the user named): the CLI prints every problem it carries in one message and exits 2, without a
+traceback, and nothing has been written. Everything else is a runtime failure (1), except the stops below.
+
+    0    done
+    1    a runtime failure: a check that fails on what the engine just wrote; a full disk (DiskFull)
+    2    a user mistake, found before anything is written (UsageError)
+    3    train.max_bad_steps non-finite steps in a row (Diverged)
+    4    the hang watchdog fired
+    75   preempted (SIGTERM/SIGUSR1): checkpoint saved, requeue to resume (Preempted)
+    130  Ctrl-C: checkpoint saved, not requeued (Interrupted); a second Ctrl-C aborts at once, also 130
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal after saving a checkpoint; requeue and resume
 EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps: requeueing would not help
 EXIT_HUNG = 4  # the watchdog found a step past its deadline; every thread's stack is in <run dir>/hang-rank<R>.txt
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C; a person's Ctrl-C must not requeue the job
+EXIT_FAILURE = 1
 
 
 class UsageError(Exception):
@@ -61,8 +72,30 @@ class Diverged(RunStopped):
     exit_code = EXIT_DIVERGED
 
 
+class Interrupted(RunStopped):
+    """Ctrl-C: a checkpoint was saved (or there was nothing to save yet); the message says how to resume."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class DiskFull(Exception):
+    """No space left on device while the engine wrote something; the message says where and what was kept."""
+
+    exit_code = EXIT_FAILURE
+
+
+class StoppedEarly(BaseException):
+    """A signal before the first step (nothing to save): raised from the signal handler wherever the main
+    thread is, so it derives from BaseException like KeyboardInterrupt: a library's `except Exception`
+    (datasets wraps errors of a generator) must not turn it into a failure."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ExportMismatch(RunStopped, RuntimeError):
     """The exported model, reloaded by plain transformers, does not reproduce the engine's logits. The run's
     checkpoint is complete and kept; the message says what differed (exit code 1, a runtime failure)."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE

@@ -330,10 +330,12 @@ class BestTracker:
 
 
 def copy_model_dir(src: Path, dst: Path) -> None:
-    """best/ from an export already on disk (final/ when the last evaluation is the best), atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    """best/ from an export already on disk (final/ when the last evaluation is the best), atomically; an
+    existing best/ is replaced only if the engine wrote it."""
+    from engine import checkpoint
+
+    def copy(tmp: Path) -> None:
+        for f in src.iterdir():
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+
+    checkpoint.write_model_dir(dst, copy, {"written_by": "ftl-engine", "format": "hf", "copied_from": str(src)})

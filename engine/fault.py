@@ -11,6 +11,15 @@ save is never interrupted.
 The count all-reduce is asynchronous: it is issued before the first micro-batch's forward and waited for
 just before the first backward, which is the first use of the count, so the forward never waits for it.
 
+Ctrl-C. The first SIGINT is handled the same way (its own element of the all-reduce), but the run stops
+with exit code 130 and no requeue marker, printing the command that resumes it; a second SIGINT ends the
+process at once (a thread watching the signal wake-up pipe, so even a rank blocked in a collective or a
+long write goes), exit 130. Before the first step (data preparation, the first evaluation) there is
+nothing to save: SIGTERM/SIGUSR1 end the process at once with 75, SIGINT with 130.
+
+Timed saves. checkpoint.every_minutes: rank 0 alone reads its clock at the start of each step, and its
+decision is a fourth element of the same all-reduce, so every rank saves at the end of the same step.
+
 Reading a device value back is a host sync. On CPU it costs nothing (the work has already run), so the
 guard reads the step's status at its end. On CUDA it reads the PREVIOUS step's status, copied to pinned
 memory without blocking and finished long before: a preemption or a non-finite streak is acted on one
@@ -60,6 +69,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -71,7 +81,8 @@ from pathlib import Path
 import torch
 
 from engine import dist
-from engine.errors import EXIT_HUNG, Diverged, Preempted, UsageError
+from engine.errors import (EXIT_HUNG, EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged, Interrupted, Preempted,
+                           StoppedEarly, UsageError)
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 PREEMPTED_MARKER = "PREEMPTED"  # in the run directory while the latest stop was a preemption (for `ftl launch`)
@@ -96,31 +107,115 @@ def startup_collective_timeout(cfg) -> float:
 # ------------------------------------------------------------------------------------------- signals
 
 class PreemptionSignals:
-    """SIGTERM/SIGUSR1 set a flag instead of killing the process; `restore()` puts the old handlers back."""
+    """SIGTERM/SIGUSR1/SIGINT set flags instead of killing the process; `restore()` puts the old handlers back.
+
+    Until `deferred()` is called (the training loop starts) a signal ends the process at once by raising
+    StoppedEarly (75, or 130 for SIGINT) where the main thread is: there is nothing to save yet. After
+    it, the first signal only sets a flag; a second SIGINT ends the process at once."""
 
     def __init__(self):
-        self.received: str | None = None  # name of the first signal
+        self.received: str | None = None  # name of the first SIGTERM/SIGUSR1
         self.count = 0
+        self.interrupts = 0  # SIGINTs seen by the handler
+        self.immediate = True
         self._previous: dict = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
 
     def install(self) -> "PreemptionSignals":
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
-            for name in PREEMPT_SIGNALS:
+            for name in (*PREEMPT_SIGNALS, "SIGINT"):
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, self._handle)
+            self._watch_second_interrupt()
         return self
 
+    def deferred(self) -> None:
+        self.immediate = False
+
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        self.count += 1
+        if name == "SIGINT":
+            self.interrupts += 1
+            if self.immediate:
+                raise StoppedEarly("interrupted (Ctrl-C) before the first step: nothing to save yet", EXIT_INTERRUPTED)
+            if self.interrupts == 1:
+                os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step, then exiting "
+                            b"(press Ctrl-C again to abort at once, without saving)\n")
+            return
         # Nothing else happens here: the save runs at the next step boundary, and a second signal
         # arriving during that save changes nothing.
-        self.count += 1
-        self.received = self.received or signal.Signals(signum).name
+        self.received = self.received or name
+        if self.immediate:
+            raise StoppedEarly(f"{name} received before the first step: nothing new to save; exiting with code "
+                               f"{EXIT_PREEMPTED} so the job can be requeued", EXIT_PREEMPTED)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupts > 0
+
+    def _watch_second_interrupt(self) -> None:
+        """A second Ctrl-C must work even while the main thread sits in a collective or a long write, where
+        Python handlers wait: the C-level handler writes every signal's number to the wake-up pipe at once,
+        and this thread ends the process on the second SIGINT it reads there."""
+        try:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            return
+        self._pipe = (r, w)
+
+        def watch():
+            seen = 0
+            while True:
+                try:
+                    data = os.read(r, 64)
+                except OSError:
+                    data = b""
+                if not data:
+                    os.close(r)
+                    return
+                if self.immediate:
+                    continue  # before the loop the handler itself ends the process
+                seen += data.count(bytes([signal.SIGINT]))
+                if seen >= 2:
+                    os.write(2, b"aborted: second Ctrl-C, exiting at once without saving\n")
+                    os._exit(EXIT_INTERRUPTED)
+
+        threading.Thread(target=watch, name="ftl-ctrl-c", daemon=True).start()
+        _WAKEUP_SET[0] = True
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._pipe is not None:
+            try:
+                signal.set_wakeup_fd(self._old_wakeup)
+            except ValueError:
+                pass
+            r, w = self._pipe
+            self._pipe = None
+            _WAKEUP_SET[0] = False
+            os.close(w)  # the watcher reads EOF and ends
+
+
+_WAKEUP_SET = [False]
+
+
+def _forget_wakeup_in_child() -> None:
+    # A process forked from a rank (a data worker) inherits the wake-up pipe: its Ctrl-C would count as ours.
+    if _WAKEUP_SET[0]:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:  # forked from another thread: it runs no Python signal handlers of its own
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_in_child)
 
 
 # ----------------------------------------------------------------------------------- non-finite guard
@@ -313,29 +408,36 @@ class PendingCount:
         if self._work is not None:
             self._work.wait()
             self._work = None
-        self._owner._stop = self._packed[1]
+        self._owner._agreed = self._packed[1:]
+        self._owner._stop = self._packed[1] + self._packed[2]  # preemption signals + Ctrl-Cs
         return self._packed[0]
 
 
 class FaultTolerance:
     """What the training loop calls at each step boundary (see the module docstring)."""
 
-    def __init__(self, cfg, env: dist.DistEnv, run_dir: Path, backend, print_fn=print, defer: bool | None = None):
+    def __init__(self, cfg, env: dist.DistEnv, run_dir: Path, backend, print_fn=print,
+                 signals: PreemptionSignals | None = None, defer: bool | None = None):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.print = print_fn
         self.loss_scale = backend.loss_scale
         self.step = 0
-        self.signals = PreemptionSignals().install()
+        self.signals = signals or PreemptionSignals().install()
         dev = env.device
-        self._flag = torch.zeros((), device=dev)  # this rank's stop request, as sent
+        # This rank's requests, as sent: [preempted (TERM/USR1), interrupted (INT), save now (rank 0's clock)].
+        self._flags = torch.zeros(3, device=dev)
         self._stop = torch.zeros((), device=dev)  # ranks that requested a stop, as agreed
+        self._agreed = torch.zeros(3, device=dev)  # the requests, summed over ranks
+        self.save_due = False  # checkpoint.every_minutes: save at the end of this step (agreed by all)
+        self._interrupt_agreed = False  # some rank's stop was a Ctrl-C and none a preemption signal
+        self._last_save = time.monotonic()
         self._streak = torch.zeros((), device=dev)  # consecutive non-finite steps
         self._skipped = torch.zeros((), device=dev)  # skipped steps since the last log
         # defer: read each step's status one step late (the default on CUDA); tests pass True on CPU
         self._deferred = dev.type == "cuda" if defer is None else defer
         if self._deferred:
             self._events = dev.type == "cuda"  # a copy to pinned memory, finished by an event
-            self._host = [torch.zeros(3, pin_memory=self._events) for _ in range(2)]
+            self._host = [torch.zeros(5, pin_memory=self._events) for _ in range(2)]
             self._pending: tuple | None = None
         self._tight = False  # the first step has completed: step-sized timeouts from now on
         self._slow_depth = 0
@@ -360,11 +462,27 @@ class FaultTolerance:
         if self.watchdog:
             self.watchdog.arm(step, self._step_limit())
 
+    def loop_starts(self) -> None:
+        """The training loop begins: from now on a signal stops the run at a step boundary, after a checkpoint."""
+        self.signals.deferred()
+        self._last_save = time.monotonic()
+
+    def saved(self) -> None:
+        self._last_save = time.monotonic()
+
+    def _save_due_here(self) -> bool:
+        minutes = getattr(self.cfg.checkpoint, "every_minutes", 0)
+        return bool(self.env.is_main and minutes and time.monotonic() - self._last_save >= minutes * 60)
+
     def all_reduce_count(self, count: torch.Tensor) -> "PendingCount":
-        """Start the all-reduce of the step's global target count (every rank's stop request travels in the
-        same all-reduce) without waiting for it: `.wait()` on the result gives the count."""
-        self._flag.fill_(1.0 if self.signals.received else 0.0)  # a kernel argument: no host sync
-        packed = torch.stack([count, self._flag])
+        """Start the all-reduce of the step's global target count without waiting for it (`.wait()` on the
+        result gives the count); every rank's stop request (and rank 0's decision to save now) travels in the
+        same all-reduce."""
+        sig = self.signals
+        # Host values become kernel arguments (fill_): no host sync.
+        for i, on in enumerate((sig.received, sig.interrupted, self._save_due_here())):
+            self._flags[i].fill_(1.0 if on else 0.0)
+        packed = torch.cat([count.reshape(1), self._flags.to(count.dtype)])
         if planned("skip_collective", self.step, self.env.rank):
             _announce("skip_collective", self.step, self.env.rank)
             _stall()
@@ -377,7 +495,7 @@ class FaultTolerance:
         bad = (~torch.isfinite(torch.as_tensor(grad_norm, device=self._streak.device))).to(self._streak.dtype)
         self._streak.add_(1.0).mul_(bad)
         self._skipped.add_(bad)
-        status = torch.stack([self._stop, bad, self._streak])
+        status = torch.stack([self._stop, bad, self._streak, self._agreed[0], self._agreed[2]])
         if not self._tight:
             self._tight = True
             if self._slow_depth == 0:
@@ -400,8 +518,11 @@ class FaultTolerance:
             self._pending = None
         return stop
 
-    def _act(self, at: int, stop: float, was_bad: float, streak: float) -> bool:
+    def _act(self, at: int, stop: float, was_bad: float, streak: float, preempts: float, save: float) -> bool:
         """React to step `at`'s status (read back); True when a stop was requested."""
+        # Ctrl-C on some rank and no preemption signal on any: every rank ends with 130, not 75.
+        self._interrupt_agreed = stop > 0 and preempts == 0
+        self.save_due = save > 0
         if was_bad:
             self.print(f"step {at}: non-finite loss or gradient norm on at least one rank; update skipped "
                        f"({int(streak)} in a row, train.max_bad_steps={self.cfg.train.max_bad_steps})")
@@ -465,9 +586,14 @@ class FaultTolerance:
         if self._tight:
             dist.set_timeout(self._slow_collective_timeout())
 
-    def preempted(self, step: int, checkpoint: Path) -> Preempted:
+    def preempted(self, step: int, checkpoint: Path) -> Preempted | Interrupted:
         """The exception that ends a preempted run, after its checkpoint is saved (rank 0 leaves a
-        marker that `ftl launch` turns into exit code 75 when torchrun cannot pass it through)."""
+        marker that `ftl launch` turns into exit code 75 when torchrun cannot pass it through). A Ctrl-C
+        (on any rank, with no preemption signal on any) ends it with 130, no marker, and the command
+        that resumes."""
+        if self._interrupt_agreed:
+            return Interrupted(f"interrupted (Ctrl-C): checkpoint {checkpoint} saved at step {step}; to resume: "
+                               f"{resume_command(self.cfg)}")
         why = f"{self.signals.received} received" if self.signals.received else "a signal on another rank"
         if self.env.is_main:
             marker = {"step": step, "checkpoint": str(checkpoint), "signal": self.signals.received,
@@ -487,3 +613,49 @@ class FaultTolerance:
             _announce("nan", self.step, self.env.rank)
             return output * math.nan
         return output
+
+
+# ------------------------------------------------------------------------------------ resume command
+
+def resume_command(cfg) -> str:
+    """The command that continues this run: the outermost process of this job that the user started
+    (`ftl launch`, torchrun, the deepspeed launcher, or this `ftl train`), as typed, from the directory it
+    ran in. With checkpoint.resume set to a path or none it adds checkpoint.resume=auto, which picks the
+    checkpoint just saved (the newest that verifies)."""
+    argv = _user_command()
+    if cfg.checkpoint.resume != "auto":
+        argv = [*argv, "--set", "checkpoint.resume=auto"]
+    text = f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}"
+    job = dist.job_ids().get("slurm_job_id")
+    if job:
+        text += f"   (or resubmit SLURM job {job}'s script: it resumes by itself)"
+    return text
+
+
+def _launched_by_us(cmd: list[str]) -> bool:
+    words = " ".join(cmd)
+    names = {os.path.basename(c) for c in cmd[:2]}
+    return bool(names & {"ftl", "torchrun", "deepspeed"}) or any(
+        m in words for m in ("engine.cli", "torch.distributed.run", "deepspeed.launcher"))
+
+
+def _user_command() -> list[str]:
+    try:
+        import psutil
+
+        proc = psutil.Process()
+        chosen = proc.cmdline()
+        parent = proc.parent()
+        while parent is not None and _launched_by_us(parent.cmdline()):
+            chosen, parent = parent.cmdline(), parent.parent()
+    except Exception:  # noqa: BLE001 - no process table: this process's own arguments
+        chosen = [sys.executable, *sys.argv]
+    # `python /venv/bin/ftl ...` (a console script) reads better as `ftl ...` when that is what PATH finds.
+    if len(chosen) > 1 and os.path.basename(chosen[1]) in ("ftl", "torchrun", "deepspeed"):
+        import shutil
+
+        name = os.path.basename(chosen[1])
+        found = shutil.which(name)
+        head = name if found and os.path.realpath(found) == os.path.realpath(chosen[1]) else chosen[1]
+        chosen = [head, *chosen[2:]]
+    return chosen

@@ -11,6 +11,9 @@ command line; `run(plan)` starts it with two things cluster jobs need and the st
 * The ranks' EXIT_PREEMPTED (75: "checkpoint saved, requeue me") becomes the launcher's exit code, so
   job scripts can requeue. Plain torchrun turns any rank failure into 1, and with --max-restarts would
   restart ranks that asked to stop.
+* Ctrl-C (torchrun): torchrun starts its ranks in sessions of their own, so a terminal's SIGINT reaches
+  only the launcher, which passes each one on: the first makes the ranks save and exit 130, which
+  becomes the launcher's exit code; the second makes them stop at once.
 
 torchrun: its own argument parser and elastic agent run inside this process (`torch.distributed.run`
 with exactly the printed arguments). deepspeed: `python -m deepspeed.launcher.runner` runs as a child
@@ -30,7 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import EXIT_PREEMPTED
+from engine.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 LAUNCHERS = ("torchrun", "deepspeed")
 # Signals that mean "save a checkpoint and stop" to the engine's ranks (and to SLURM job scripts).
@@ -304,12 +307,12 @@ class _Relay:
     shutdown) would kill it by the signal and lose its exit code 75.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = FORWARDED) -> None:
         from engine import dist
 
         self.received: list[int] = []
         self.relay = not dist.in_slurm_step()
-        self.previous = {s: signal.signal(s, self._handle) for s in FORWARDED}
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame) -> None:
         self.received.append(signum)
@@ -334,9 +337,10 @@ class _Relay:
 
 def preempted_exit_code(exitcodes: list[int]) -> int | None:
     """75 when the ranks stopped to be requeued: some exited 75 and none failed on its own
-    (the others may have been stopped by the launcher: negative codes)."""
-    if EXIT_PREEMPTED in exitcodes and all(c == EXIT_PREEMPTED or c <= 0 for c in exitcodes):
-        return EXIT_PREEMPTED
+    (the others may have been stopped by the launcher: negative codes). 130 the same way for Ctrl-C."""
+    for code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        if code in exitcodes and all(c == code or c <= 0 for c in exitcodes):
+            return code
     return None
 
 
@@ -347,11 +351,11 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torch_run.parse_args(torchrun_args)
-    # SIGTERM and SIGUSR1 are ours: relayed (outside srun) while the agent keeps waiting, instead of
-    # torch's shutdown (forward, wait, SIGKILL, exit 1, and a second signal aborting the wait).
-    # torch keeps SIGINT/SIGHUP/SIGQUIT.
-    args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # older torch: env
-    relay = _Relay()
+    # SIGTERM, SIGUSR1 and SIGINT are ours: relayed (outside srun) while the agent keeps waiting, instead of
+    # torch's shutdown (forward, wait, SIGKILL, exit 1, and a second signal aborting the wait). A second
+    # Ctrl-C is relayed too: the ranks end at once. torch keeps SIGHUP/SIGQUIT.
+    args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # older torch: env
+    relay = _Relay((*FORWARDED, signal.SIGINT))
     stock_agent = launcher_api.LocalElasticAgent
     launcher_api.LocalElasticAgent = _preemption_aware(stock_agent)
     try:
@@ -360,7 +364,8 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     except ChildFailedError as e:
         code = preempted_exit_code([f.exitcode for f in e.failures.values()])
         if code is not None:
-            print(f"[ftl launch] ranks stopped after saving a checkpoint (exit {code}: requeue to resume)",
+            what = "requeue to resume" if code == EXIT_PREEMPTED else "Ctrl-C: not requeued; run again to resume"
+            print(f"[ftl launch] ranks stopped after saving a checkpoint (exit {code}: {what})",
                   file=sys.stderr, flush=True)
             return code
         print(e.format_msg(), file=sys.stderr, flush=True)
@@ -373,13 +378,14 @@ def run_torchrun(torchrun_args: list[str]) -> int:
 def _preemption_aware(agent_cls):
     class PreemptionAwareAgent(agent_cls):
         """A rank that exits 75 saved a checkpoint because the job is going away: restarting the
-        ranks here (--max-restarts) would only lose the requeue. Same for a failure after a signal."""
+        ranks here (--max-restarts) would only lose the requeue. Same for a failure after a signal, and
+        for 130 (a person pressed Ctrl-C)."""
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
             if result.is_failed():
                 codes = [f.exitcode for f in result.failures.values()]
-                if EXIT_PREEMPTED in codes:
+                if EXIT_PREEMPTED in codes or EXIT_INTERRUPTED in codes:
                     self._remaining_restarts = 0  # the way torch's own agent disables restarts
             return result
 

@@ -94,39 +94,54 @@ def peak_flops_of(name: str) -> float | None:
 
 
 class Metrics:
-    """Rank 0's sink for scalars; `enabled=False` makes every method a no-op."""
+    """Rank 0's sink for scalars; `enabled=False` makes every method a no-op.
+
+    Every start replaces what earlier attempts logged past its starting step, so each (step, kind) row
+    appears once: a run resumed at step s keeps rows up to s, a run starting at step 0 (after an attempt
+    that saved nothing) keeps none, its step-0 evaluation included; TensorBoard hides the same events
+    (`purge_step`). The files (and trackers) are opened at the first row, so a run that logs nothing
+    writes nothing."""
 
     def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, start_step: int = 0,
                  progress: bool = True, report_to: tuple[str, ...] | list[str] = ("tensorboard",),
                  config: dict | None = None):
         self.enabled = enabled and run_dir is not None
         self._tb = self._jsonl = self._bar = self._trackers = None
+        self._run_dir, self._start, self._report_to, self._config = run_dir, start_step, report_to, config
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        from engine import tracking
-
-        # A resumed run replaces whatever the interrupted attempt logged after its checkpoint.
-        self._tb = (SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-                    if "tensorboard" in report_to else _NoWriter())
-        if start_step:
-            drop_rows_after(run_dir / "metrics.jsonl", start_step)
-        # MLflow / W&B (run.report_to) get every row below, under the same names and steps
-        self._trackers = tracking.Trackers.open(report_to, run_dir, config, start_step)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0, disable=None)
 
+    def _open(self) -> None:
+        if self._jsonl is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        from engine import tracking
+
+        path = self._run_dir / "metrics.jsonl"
+        drop_rows_after(path, self._start if self._start else -1)
+        # purge_step: TensorBoard hides earlier files' events at and after it (step 0: all of them).
+        self._tb = (SummaryWriter(str(self._run_dir / "tb"), purge_step=self._start + 1 if self._start else 0)
+                    if "tensorboard" in self._report_to else _NoWriter())
+        # MLflow / W&B (run.report_to) get every row below, under the same names and steps
+        self._trackers = tracking.Trackers.open(self._report_to, self._run_dir, self._config, self._start)
+        self._jsonl = open(path, "a", encoding="utf-8")
+
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
+        self._open()
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        except OSError as e:  # a full disk: say which file
+            raise OSError(e.errno, e.strerror, str(self._run_dir / "metrics.jsonl")) from None
         self._trackers.log(step, values)
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -136,11 +151,13 @@ class Metrics:
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
+            self._open()
             self._tb.add_text(tag, text, step)
 
     def image(self, tag: str, hwc_uint8, step: int) -> None:
         """An RGB image (height x width x 3, uint8) in TensorBoard's Images tab."""
         if self.enabled:
+            self._open()
             self._tb.add_image(tag, hwc_uint8, step, dataformats="HWC")
             self._tb.flush()
 
@@ -164,9 +181,10 @@ class Metrics:
             return
         if self._bar is not None:
             self._bar.close()
-        self._tb.close()
-        self._jsonl.close()
-        self._trackers.close(finished)
+        if self._jsonl is not None:
+            self._tb.close()
+            self._jsonl.close()
+            self._trackers.close(finished)
         self.enabled = False
 
 
@@ -178,7 +196,8 @@ class _NoWriter:
 
 
 def drop_rows_after(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl without the rows past `step` (atomically: a torn file would lose history)."""
+    """Rewrite metrics.jsonl without the rows past `step` (-1: all of them), atomically: a torn file
+    would lose history."""
     if not path.is_file():
         return
     def keep(line: str) -> bool:

@@ -38,7 +38,7 @@ IGNORED = {
     "train.log_every", "train.eval_every", "train.eval_batches", "train.device", "train.sample_tokens",
     "train.sample_prompt", "train.max_bad_steps", "train.stop_at_step",
     "train.epochs",  # resolved to train.max_steps at start (the trainer compares those)
-    "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
+    "checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep", "checkpoint.resume",
     "dist.timeout_s", "dist.step_timeout_s", "dist.watchdog_s",
 }
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "num_labels")

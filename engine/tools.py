@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from engine import checkpoint, data, dist, fastpath, model as model_lib
+from engine import checkpoint, data, dist, fastpath, model as model_lib, ownership
 from engine.config import DataConfig, PerfConfig
 from engine.errors import UsageError
 
@@ -274,9 +276,13 @@ def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(path: Path, out: Path) -> Path:
     """Checkpoint (or run directory -> its latest checkpoint) -> Hugging Face directory, verified."""
+    with reading_checkpoint(path) as ckpt:
+        return _export_checkpoint(ckpt, out)
+
+
+def _export_checkpoint(path: Path, out: Path) -> Path:
     from transformers import AutoConfig
 
-    path = resolve_checkpoint(path)
     state = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8"))
     head = state["config"]["model"]["head"]
     hf_config = AutoConfig.from_pretrained(path / "config.json")
@@ -299,16 +305,38 @@ def export_checkpoint(path: Path, out: Path) -> Path:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A complete checkpoint directory, given it or a run directory (then its newest one)."""
+    """A complete checkpoint directory, given it or a run directory (then its newest one that verifies)."""
+    with reading_checkpoint(path) as ckpt:
+        return ckpt
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: Path):
+    """A checkpoint, given it or a run directory (then its newest one that verifies, naming the newer ones
+    skipped), verified against its digests and held with a shared lock while the block reads it: a run still
+    training in that directory leaves a checkpoint a reader holds for a later save to delete. A damaged
+    checkpoint named explicitly, or a run directory where none verifies, is a UsageError (exit 2)."""
     if (path / "checkpoints").is_dir():
-        latest = checkpoint.find_latest(path / "checkpoints")
-        if latest is None:
+        ckpt, lock = checkpoint.choose(path / "checkpoints", lambda line: print(line, file=sys.stderr, flush=True),
+                                       hold=lambda c: ownership.SharedLock(c / checkpoint.COMPLETE))
+        if ckpt is None:
             raise UsageError(f"{path} has no complete checkpoint under checkpoints/")
-        path = latest
-    if not checkpoint.is_complete(path):
-        raise UsageError(f"{path} is not a complete checkpoint (it needs {checkpoint.STATE} and {checkpoint.COMPLETE}), "
-                         f"a run directory or a model directory")
-    return path
+    else:
+        if not checkpoint.is_complete(path):
+            raise UsageError(f"{path} is not a complete checkpoint (it needs {checkpoint.STATE} and "
+                             f"{checkpoint.COMPLETE}), a run directory or a model directory")
+        try:
+            lock = ownership.SharedLock(path / checkpoint.COMPLETE)
+        except ownership.Vanished:
+            raise UsageError(f"{path} was deleted while this started reading it (a run's retention?)") from None
+        ckpt = path
+        try:
+            checkpoint.check_explicit(path)
+        except BaseException:
+            lock.release()
+            raise
+    with lock:
+        yield ckpt
 
 
 def export_checkpoint_checked(path: Path, out: Path) -> dict:
@@ -319,8 +347,17 @@ def export_checkpoint_checked(path: Path, out: Path) -> dict:
     from engine import deploy
     from engine.trainer import load_exported
 
-    ckpt = resolve_checkpoint(path)
-    export_checkpoint(ckpt, out)
+    with reading_checkpoint(path) as ckpt:
+        return _export_checkpoint_checked(ckpt, out)
+
+
+def _export_checkpoint_checked(ckpt: Path, out: Path) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from engine import deploy
+    from engine.trainer import load_exported
+
+    _export_checkpoint(ckpt, out)
     head = head_of(out)
     hf_config = AutoConfig.from_pretrained(ckpt / "config.json")
     state = json.loads((ckpt / checkpoint.STATE).read_text(encoding="utf-8"))

@@ -1,7 +1,9 @@
 """The training loop.
 
 `Trainer(cfg)` builds everything in the order that keeps bad input harmless: config -> process group
--> data (columns, labels, non-empty) -> tokenizer -> model shape checks -> ONLY THEN the run directory.
+-> the run directory usable and not in use by another run (its lock) -> the checkpoint to resume from,
+verified -> data (columns, labels, non-empty) -> tokenizer -> model shape checks -> ONLY THEN the run
+directory is created. `train()` writes config.yaml and the logs only once it knows it will train.
 `train()` is the loop; `train_step()` is one optimizer step over its micro-batches.
 
 The loss of a step is the sum of per-target losses over all its micro-batches and ranks divided by
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from engine import (backends, checkpoint, data, dist, evaluation, fastpath, fault, losses, memory, metrics,
-                    model as model_lib, optim, resume, transfer)
+                    model as model_lib, optim, ownership, resume, transfer)
 from engine.config import Config, dump_resolved
 from engine.errors import ExportMismatch, UsageError
 
@@ -38,18 +40,32 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, env: dist.DistEnv | None = None, progress: bool = True):
         self.cfg = cfg
+        # Until the first step, SIGTERM/SIGUSR1/SIGINT end the process at once (nothing to save yet).
+        self.signals = fault.PreemptionSignals().install()
+        self.lock: ownership.RunLock | None = None
+        try:
+            self._build(env, progress)
+        except BaseException:  # a refused run leaves no lock held and no handler installed behind it
+            self.signals.restore()
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self, env: dist.DistEnv | None, progress: bool) -> None:
+        cfg = self.cfg
         self.env = env or dist.init(cfg.train.device, fault.startup_collective_timeout(cfg))
         self.run_dir = cfg.run_dir
         # Every log line of a run goes to stderr (the progress bar's stream too), rank 0 only: stdout stays free
         # for what a command returns (a sweep's table, `ftl eval --json`).
         self.log = _log_line if self.env.is_main else (lambda *a, **k: None)
+        self._claim_run_dir()  # usable, and ours: another run on it stops here (exit 2), before reading it
         fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
         warn = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
         compiles = type(self.backend).compile is not backends.Backend.compile  # the backend implements it
         cfg.model.compile = fastpath.resolve_compile(cfg, self.env.device, warn, compiles)  # auto -> on/off
 
-        # 1. Decide whether to resume (before anything is written) and validate data + model.
+        # 1. Decide whether to resume (before anything is written; the checkpoint verified) and validate data + model.
         self.resume_from = self._resume_target()
         self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from else None
         self.epoch_plan = self._saved_epoch_plan()  # train.epochs already resolved by this run's checkpoint
@@ -96,15 +112,27 @@ class Trainer:
             self.backend.compile()  # lazily: the first step compiles (and falls back to eager if that fails)
         seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1))
 
-        # 3. Everything checked: create the run directory (rank 0) and restore state.
+        # 3. Everything checked: create the run directory (rank 0) and lock it, and restore state. config.yaml
+        # and the logs wait for train(): a run that is already complete rewrites nothing.
+        problem = None
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_resolved(cfg, self.run_dir / "config.yaml", self._epochs_note())
-            self.data.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        dist.barrier()
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if self.lock is None:
+                    self.lock = ownership.RunLock(self.run_dir).acquire()
+            except UsageError as e:
+                problem = e.render()
+            except OSError as e:
+                problem = f"error: run.dir {self.run_dir} cannot be created: {e.strerror or e}"
+        first = dist.agree_on_error(problem)
+        if first:
+            raise UsageError(first.removeprefix("error: "))
         self.layout = data.Layout(self.env.world_size, self.env.rank, cfg.train.micro_batch, cfg.train.grad_accum)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep, self.env.rank, self.env.world_size)
-        self.fault = fault.FaultTolerance(cfg, self.env, self.run_dir, self.backend, lambda line: self.metrics.print(line))
+        if self.resume_from is not None and checkpoint.has_digests(self.resume_from):
+            self.checkpointer.verified = self.resume_from  # retention keeps it until a newer one verifies
+        self.fault = fault.FaultTolerance(cfg, self.env, self.run_dir, self.backend, lambda line: self.metrics.print(line),
+                                          signals=self.signals)
         self.step, self.tokens_seen, self.sample_index = 0, 0.0, 0
         self.best = evaluation.BestTracker(cfg.eval)
         self.export_failures: list[str] = []  # failed export checks (best/, final/): the run exits 1 at its end
@@ -129,7 +157,28 @@ class Trainer:
                                              self.env.world_size)
 
     # ------------------------------------------------------------------------------------------ setup
+    def _claim_run_dir(self) -> None:
+        """Rank 0 checks that run.dir can be used (not a file, not on a read-only parent), that final/ and
+        best/ there are the engine's to replace, and locks an existing run directory; every rank agrees."""
+        problems: list[str] = []
+        if self.env.is_main:
+            problems = ownership.run_dir_problems(self.run_dir)
+            for name in ("final", "best"):
+                if not problems:
+                    problems += ownership.target_problems(self.run_dir / name, force=True, what=f"run.dir's {name}/")
+            if not problems and self.run_dir.is_dir():
+                try:
+                    self.lock = ownership.RunLock(self.run_dir).acquire()
+                except UsageError as e:
+                    problems = e.problems + ([e.hint] if e.hint else [])
+        first = dist.agree_on_error("\n".join(problems) if problems else None)
+        if first:
+            raise UsageError(first.split("\n"))
+
     def _resume_target(self) -> Path | None:
+        """The checkpoint to continue from, verified by all ranks together (each hashes a share of it).
+        auto: the newest that verifies (damaged ones are named and skipped; if none verifies: exit 2);
+        a path: it must verify (exit 2)."""
         r = self.cfg.checkpoint.resume
         if r == "none":
             return None
@@ -138,8 +187,10 @@ class Trainer:
             if not checkpoint.is_complete(path):
                 raise UsageError(f"checkpoint.resume {r!r} is not a complete checkpoint directory "
                                  f"(it needs {checkpoint.STATE} and {checkpoint.COMPLETE})")
+            checkpoint.check_explicit(path, collective=True)
             return path
-        return checkpoint.find_latest(self.run_dir / "checkpoints")
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
+        return checkpoint.choose(self.run_dir / "checkpoints", log, collective=True)
 
     def _saved_epoch_plan(self) -> dict | None:
         """train.epochs as the checkpoint resolved it: with the same epochs its step count stands (whatever the
@@ -188,6 +239,8 @@ class Trainer:
         """Load, tokenize and check the data on every rank; rank 0 trains a tokenizer if one is needed."""
         cfg = self.cfg
         problem, prepared, raw = None, None, None
+        if self.env.is_main:
+            print(f"preparing data: {cfg.data.source}", file=sys.stderr, flush=True)
         try:
             raw = data.load_raw(cfg.data, cfg.run.seed, need_label=cfg.model.head == "cls")
         except UsageError as e:
@@ -272,6 +325,7 @@ class Trainer:
                     f"{self.best.best_step}): {self.run_dir.resolve()}")
             m.close()
             return {"step": self.step, "final": str(self.run_dir / "final"), "already_complete": True}
+        self._write_run_files()
         m.print(self._banner())  # what runs, before anything it computes (the first eval included)
         for line in self._data_lines():
             m.print(line)
@@ -286,6 +340,7 @@ class Trainer:
         window_tokens = torch.zeros((), device=self.env.device)
         self.throughput.reset()
         result: dict = {}
+        self.fault.loop_starts()  # signals now stop the run at a step boundary, after a checkpoint
         while self.step < stop:
             self.fault.step_begins(self.step + 1)  # the hang watchdog's deadline starts
             loss_sum, count, tokens, grad_norm, lr = self.train_step(self.batches.next())
@@ -298,10 +353,12 @@ class Trainer:
                 if cfg.model.compile:
                     m.print(fastpath.compile_report())
                 memory_logged = True
-            # True when any rank got SIGTERM/SIGUSR1 (agreed by all); counts non-finite (skipped) steps.
+            # True when any rank got SIGTERM/SIGUSR1/SIGINT (agreed by all); counts non-finite (skipped) steps.
+            # The last step's status is read at once (final), so a NaN or a signal there is not dropped.
             preempted = self.fault.step_ends(self.step, grad_norm, final=self.step == stop)
-            save_now = preempted or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
-                                     and self.step < stop)
+            # checkpoint.every_minutes: rank 0's clock decided, in the same all-reduce, so all ranks save here.
+            save_now = preempted or (self.fault.save_due and self.step < stop) or (
+                cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop)
 
             # Checkpoint steps log too, so a checkpoint's token count and the logged losses cover every step.
             if self.step % cfg.train.log_every == 0 or self.step == stop or save_now:
@@ -328,7 +385,7 @@ class Trainer:
             if save_now:
                 path = self.save_checkpoint()
                 self.throughput.reset()
-                if preempted:  # every rank stops here, at the same step; exit code 75 asks for a requeue
+                if preempted:  # every rank stops here, at the same step: 75 asks for a requeue, 130 (Ctrl-C) not
                     raise self.fault.preempted(self.step, path)
         if self.step < cfg.train.max_steps and not self.best.stopped:
             return self.stop_early(result)
@@ -426,12 +483,20 @@ class Trainer:
 
         with self.fault.slow_section():
             path = self.checkpointer.save(self.step, self.backend, self.trainer_state(), extras)
+        self.fault.saved()  # checkpoint.every_minutes counts from here
         self.metrics.print(f"checkpoint saved: {path}")
         return path
 
+    def _write_run_files(self) -> None:
+        """config.yaml and the tokenizer in the run directory (rank 0), once the run is known to train;
+        written whole or not at all (a temporary name, then a rename)."""
+        if self.env.is_main:
+            dump_resolved(self.cfg, self.run_dir / "config.yaml", self._epochs_note())
+            checkpoint.write_dir_atomically(self.run_dir / "tokenizer", self.data.tokenizer.save_pretrained)
+
     def export(self, out: Path) -> float:
         """final/ (or best/) as plain transformers files, then reloaded and checked against the engine's logits.
-        Returns the largest logit difference; raises ExportMismatch (the files stay) when the check fails."""
+        Returns the largest logit difference; raises ExportMismatch (the directory removed) when the check fails."""
         with self.fault.slow_section():  # rank 0 writes while the others wait: start-up-sized limits
             state = self.backend.full_state_dict()
             if self.env.is_main:
@@ -442,7 +507,8 @@ class Trainer:
                                                               d / "adapter", self.data.tokenizer)
                 state = transfer.merge_lora(state, self.cfg.model)  # final/ is a plain transformers model
                 checkpoint.export_hf(self.hf_config, self.cfg.model.head, state, self.data.tokenizer, out,
-                                     self.data.label_names, extras=adapter)
+                                     self.data.label_names, info={"source": f"run {self.run_dir}, step {self.step}"},
+                                     extras=adapter)
             dist.barrier()
             try:
                 diff = self.verify_export(out)
@@ -564,6 +630,8 @@ class Trainer:
         self.metrics.close(finished=False)  # a no-op after finish()/stop_early(); else the attempt stopped short
         self.batches.close()
         self.backend.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _banner(self) -> str:
         c, lay = self.cfg, self.layout

@@ -115,7 +115,12 @@ class Backend(ABC):
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write model + optimizer state under `path` (frozen parameters only if `saves_frozen`); every
-        rank calls it."""
+        rank calls it.
+
+        Digests (engine/integrity.py): write your own files with `integrity.save_torch` /
+        `save_safetensors` / `write_bytes` (hashed as they are written), and call `integrity.record(path)`
+        for each file a library wrote on this rank (hashed by this rank right away). Files nobody
+        recorded are still found and hashed, by all ranks after the save's barrier."""
 
     @abstractmethod
     def load(self, path: Path) -> None:

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine import fastpath, fault, optim
+from engine import fastpath, fault, integrity, optim
 from engine.backends.base import Backend, set_lr, tensor_bytes
 
 
@@ -98,17 +98,17 @@ class DDPBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    # Replicas are identical, so rank 0 writes the state and every rank reads it.
+    # Replicas are identical, so rank 0 writes the state and every rank reads it. Both files are hashed as
+    # they are written (the checkpoint's manifest).
     def save(self, path: Path) -> None:
         if self.env.is_main:
-            if self.saves_frozen:
-                save_model(self._module, str(path / "model.safetensors"))
-            else:
-                save_file(self._saved_tensors(), str(path / "model.safetensors"))
+            tensors = self._module.state_dict() if self.saves_frozen else self._saved_tensors()
+            kept, removed = integrity.dedupe_shared(tensors)  # a tied embedding is stored once
+            integrity.save_safetensors(kept, path / "model.safetensors", removed)
             state = {"optimizer": self.optimizer.state_dict()}
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
-            torch.save(state, path / "optimizer.pt")
+            integrity.save_torch(state, path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
         if self.saves_frozen:

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import dist, fastpath, fault, model as model_lib, optim
+from engine import dist, fastpath, fault, integrity, model as model_lib, optim
 from engine.backends import ds_config
 from engine.backends.base import Backend, set_lr, tensor_bytes
 from engine.errors import UsageError
@@ -322,13 +322,14 @@ class DeepSpeedBackend(Backend):
         root = path / CKPT_SUBDIR
         tag = f"global_step{self.engine.global_steps}"
         # A LoRA run leaves its frozen base out (rebuilt from model.name on resume): adapter-sized checkpoints.
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=True,
-                                    exclude_frozen_parameters=not self.saves_frozen)
+        with _recording_writes(self.engine):
+            self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=True,
+                                        exclude_frozen_parameters=not self.saves_frozen)
         if self.env.is_main:
             layout = {"zero_stage": self.stage, "world_size": self.env.world_size, "tag": tag,
                       "offload": self.resolved.offload, "dtype": str(self.param_dtype).removeprefix("torch."),
                       "ds_config": self.ds_config()}
-            (root / LAYOUT).write_text(json.dumps(layout, indent=1), encoding="utf-8")
+            integrity.write_bytes(root / LAYOUT, json.dumps(layout, indent=1).encode("utf-8"))
 
     def load(self, path: Path) -> None:
         root = path / CKPT_SUBDIR
@@ -521,6 +522,27 @@ def skip_backward_gather(module: nn.Module) -> bool:
         head.pre_bwd_fn = _NoGatherBeforeBackward
         return True
     return False
+
+
+@contextlib.contextmanager
+def _recording_writes(engine):
+    """Each file DeepSpeed's checkpoint engine writes on this rank (its model and optimizer partitions) is
+    hashed by this rank right after it is written, while the page cache holds it (the checkpoint's
+    manifest). Files it writes another way (`latest`, the recovery script) are hashed after the barrier."""
+    ckpt_engine = engine.checkpoint_engine
+    real = ckpt_engine.save
+
+    def save_and_record(state_dict, path, *args, **kwargs):
+        out = real(state_dict, path, *args, **kwargs)
+        if os.path.isfile(path):  # an asynchronous engine writes later: then the files are hashed after the barrier
+            integrity.record(Path(path))
+        return out
+
+    ckpt_engine.save = save_and_record  # an instance attribute shadowing the method
+    try:
+        yield
+    finally:
+        del ckpt_engine.save
 
 
 def _tensors_in(obj, attrs) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from engine import checkpoint, integrity
 from engine.errors import EXIT_PREEMPTED
 from tests.conftest import check, tiny_config, tiny_overrides, torchrun
 from tests.fault_helpers import (Watched, bitwise_equal, checkpoint_tensors, ftl_cmd, losses_by_step,
@@ -107,6 +108,13 @@ def test_sigusr1_under_zero2_saves_exits_75_and_resumes_exactly(tmp_path):
     ckpt = run / "checkpoints" / f"step-{stopped:06d}"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "deepspeed" / "layout.json").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    # Digests cover every file DeepSpeed wrote, each ZeRO partition hashed by the rank that wrote it.
+    listed, _ = integrity.read_manifest(ckpt)
+    assert set(listed) == {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"MANIFEST.json",
+                                                                                                       "COMPLETE"}
+    partitions = {rel: e["hashed_by"] for rel, e in listed.items() if rel.endswith("optim_states.pt")}
+    assert sorted(partitions.values()) == [0, 1] and all(f"zero_pp_rank_{r}_" in rel for rel, r in partitions.items())
+    assert checkpoint.verify(ckpt) == []
     resumed = check(torchrun(2, ["train", *tiny_overrides(run, **over)]))
     assert f"resumed from {ckpt} at step {stopped}" in resumed.stdout + resumed.stderr
     assert losses_by_step(run) == losses_by_step(straight)
@@ -122,6 +130,9 @@ def test_elastic_restart_after_a_crash_ends_with_the_same_weights(reference, tmp
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in out  # no warning: the workaround is in place
     assert "FTL_FAULT crash rank 1 step 7" in out  # rank 1 really died (SIGKILL) ...
     assert f"resumed from {run / 'checkpoints' / 'step-000005'} at step 5" in out  # ... and the job came back
+    # ... past the run-directory lock: the killed attempt's rank 0 held it, the restarted attempt's rank 0 took it
+    holder = json.loads((run / "LOCK").read_text(encoding="utf-8"))
+    assert holder["torchelastic_restart_count"] == "1", holder
     assert losses_by_step(run) == ref_losses
     assert bitwise_equal(checkpoint_tensors(run / "checkpoints" / f"step-{STEPS:06d}"), ref_state) == []
 

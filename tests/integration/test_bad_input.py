@@ -14,6 +14,14 @@ def _files(tmp_path):
     (tmp_path / "empty.csv").write_text("text\n")
     (tmp_path / "short.jsonl").write_text('{"text": "too short"}\n' * 3)
     (tmp_path / "nomodel").mkdir()
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n\nmore text here\n".encode("latin-1"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a fine line"}\n{"text": "no closing brace"\n{"text": "x"}\n')
+    with open(tmp_path / "mixed.csv", "w") as f:  # pandas reads CSVs in blocks: the type comes from the first
+        f.write("text,label\n" + "".join(f"row {i},{i % 3}\n" for i in range(25000)) + "last row,oops\n")
+    (tmp_path / "one_row.jsonl").write_text('{"body": "a single row, and not the column asked for"}\n')
+    (tmp_path / "afile").write_text("not a directory")
 
 
 CASES = [
@@ -36,6 +44,17 @@ CASES = [
      ["no training sample of data.seq_len=32 tokens fits"]),
     ("model-dir-without-config", ["model.name={tmp}/nomodel"], ["is a directory without config.json"]),
     ("bad-resume-path", ["checkpoint.resume={tmp}"], ["is not a complete checkpoint directory"]),
+    ("empty-file", ["data.source={tmp}/empty.txt"], ["empty.txt is empty (0 bytes)"]),
+    ("binary-file", ["data.source={tmp}/binary.txt"], ["binary.txt is a binary file (it holds NUL bytes), not text"]),
+    ("not-utf8", ["data.source={tmp}/latin1.txt"],
+     ["latin1.txt is not UTF-8 text: byte 0xe9 at offset 3 (line 1)", "iconv"]),
+    ("malformed-jsonl-line", ["data.source={tmp}/broken.jsonl"],
+     ["broken.jsonl line 2 is not valid JSON", "no closing brace"]),
+    ("mixed-type-csv-column", ["data.source={tmp}/mixed.csv"],
+     ["mixed.csv line 25002: column 'label' holds 'oops', but its earlier rows were read as int64"]),
+    ("too-small-to-split", ["data.source={tmp}/one_row.jsonl"], ["data.text_column 'text' is not in the data; columns: body"]),
+    ("run-dir-is-a-file", ["run.dir={tmp}/afile"], ["run.dir", "afile is an existing file, not a directory"]),
+    ("run-dir-under-a-file", ["run.dir={tmp}/afile/run"], ["afile is a file; set run.dir elsewhere"]),
     ("missing-tokenizer-dir", ["data.tokenizer={tmp}/runs/demo/tokenizer"],
      ["data.tokenizer: the directory", "runs/demo/tokenizer' does not exist"]),
     ("missing-model-dir", ["model.name=runs/demo/final"], ["model.name: the directory 'runs/demo/final' does not exist"]),

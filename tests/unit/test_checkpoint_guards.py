@@ -12,6 +12,7 @@ Plus what a restarted save of the same step finds: the torn temporary directory 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint
+from engine import checkpoint, integrity
 
 SLOW = 0.4  # seconds a rank lingers where a missing barrier would let the other one run ahead
 
@@ -33,7 +34,8 @@ class RankBackend:
     def save(self, path: Path) -> None:
         if self.rank == 1:
             time.sleep(SLOW)  # rank 1 is the slow writer
-            torch.save({"part": torch.ones(2)}, path / "part-rank1.pt")
+            torch.save({"part": torch.ones(2)}, path / "part-rank1.pt")  # a library's file, like DeepSpeed's:
+            integrity.record(path / "part-rank1.pt")  # the backend reports it, to be hashed by its writer
         else:
             from safetensors.torch import save_file
 
@@ -44,10 +46,41 @@ def _extras(d: Path) -> None:
     (d / "config.json").write_text("{}", encoding="utf-8")
 
 
+class ThreadGroup:
+    """The collectives a save uses, between two threads: a real two-party barrier, and object exchanges built
+    on it (each rank's value in a slot; everyone reads all slots; nobody writes the next round's slot before
+    every rank has read this one)."""
+
+    def __init__(self, rank0: int):
+        self.rank0, self.barrier, self.slots = rank0, threading.Barrier(2, timeout=30), [None, None]
+
+    def rank(self) -> int:
+        return 0 if threading.get_ident() == self.rank0 else 1
+
+    def all_gather_object(self, obj) -> list:
+        self.slots[self.rank()] = obj
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+    def broadcast_object(self, obj=None, src: int = 0):
+        return self.all_gather_object(obj)[src]
+
+    def agree_on_error(self, message):
+        return next((m for m in self.all_gather_object(message) if m), None)
+
+    def install(self, monkeypatch) -> None:
+        for name in ("rank", "all_gather_object", "broadcast_object", "agree_on_error"):
+            monkeypatch.setattr(checkpoint.dist, name, getattr(self, name))
+        monkeypatch.setattr(checkpoint.dist, "barrier", lambda: self.barrier.wait())
+
+
 def test_two_ranks_save_in_lockstep(tmp_path, monkeypatch):
-    barrier = threading.Barrier(2, timeout=30)
-    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: barrier.wait())
     rank0 = threading.get_ident()
+    group = ThreadGroup(rank0)
+    barrier = group.barrier
+    group.install(monkeypatch)
     observed: dict = {}
     real_rmtree, real_fsync, real_write = checkpoint.shutil.rmtree, checkpoint.os.fsync, checkpoint._write_atomic
     root = tmp_path / "checkpoints"
@@ -65,6 +98,8 @@ def test_two_ranks_save_in_lockstep(tmp_path, monkeypatch):
     def write_atomic(path, text):
         if path.name == checkpoint.COMPLETE:
             observed["at_complete"] = sorted(p.name for p in path.parent.iterdir())
+            manifest = path.parent / integrity.MANIFEST
+            observed["manifest"] = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
         return real_write(path, text)
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", slow_rmtree)
@@ -90,12 +125,16 @@ def test_two_ranks_save_in_lockstep(tmp_path, monkeypatch):
     finally:
         thread.join(60)
     assert not errors, f"rank 1 failed: {errors[0]!r}"
-    assert {"part-rank1.pt", "rng-rank1.pt", "rng-rank0.pt", "model.safetensors", checkpoint.STATE,
-            "config.json"} <= set(observed["at_complete"]), observed["at_complete"]
+    written = ["part-rank1.pt", "rng-rank1.pt", "rng-rank0.pt", "model.safetensors", checkpoint.STATE, "config.json"]
+    assert {*written, integrity.MANIFEST} <= set(observed["at_complete"]), observed["at_complete"]
+    # the manifest rank 0 wrote before COMPLETE holds the digest of every rank's files, each hashed by the rank
+    # that wrote it (rank 1's files by rank 1, while it wrote them: rank 0 does not read them back)
+    assert sorted(observed["manifest"]) == sorted(written), observed["manifest"]
+    assert {f: d["hashed_by"] for f, d in observed["manifest"].items() if f.endswith("rank1.pt")} == {
+        "part-rank1.pt": 1, "rng-rank1.pt": 1}
     assert observed["rank1_returned"] == (True, True)
-    assert sorted(p.name for p in final.iterdir()) == sorted(
-        [checkpoint.COMPLETE, checkpoint.STATE, "config.json", "model.safetensors", "part-rank1.pt", "rng-rank0.pt",
-         "rng-rank1.pt"])
+    assert sorted(p.name for p in final.iterdir()) == sorted([checkpoint.COMPLETE, integrity.MANIFEST, *written])
+    assert checkpoint.verify(final) == []
     rng = torch.load(final / "rng-rank1.pt", weights_only=True)
     assert {"python", "numpy", "torch"} <= rng.keys()
 
@@ -109,7 +148,7 @@ def test_a_torn_save_of_the_same_step_is_replaced_not_merged(tmp_path):
     (torn / checkpoint.COMPLETE).write_text("ok 1\n")  # even a marker written by hand is not carried over
     final = checkpoint.Checkpointer(tmp_path, keep=2, rank=0, world=1).save(
         3, RankBackend(0), {"tokens": 0.0, "sample_index": 8, "global_batch": 8, "config": {}})
-    assert sorted(p.name for p in final.iterdir()) == sorted([checkpoint.COMPLETE, checkpoint.STATE,
+    assert sorted(p.name for p in final.iterdir()) == sorted([checkpoint.COMPLETE, checkpoint.STATE, integrity.MANIFEST,
                                                              "model.safetensors", "rng-rank0.pt"])
     assert not torn.exists() and checkpoint.find_latest(root) == final
 

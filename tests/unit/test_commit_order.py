@@ -1,18 +1,19 @@
-"""Invariant 8, the commit order of a checkpoint: every byte flushed (fsync) -> COMPLETE -> the rename that makes
-it visible -> `latest`. The rename only makes a checkpoint visible; without the flush before the marker a power
+"""Invariant 8, the commit order of a checkpoint: every byte flushed (fsync), MANIFEST.json (every file's digest)
+included -> COMPLETE -> the rename that makes it visible -> `latest`. The rename only makes a checkpoint visible; without the flush before the marker a power
 cut can leave a checkpoint that says COMPLETE over files that never reached the disk, and nothing else in the
 suite can see that. So the order itself is recorded here: every fsync (which file or directory it flushed), and
 every rename, with whether COMPLETE existed at that moment."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine import checkpoint
+from engine import checkpoint, integrity
 
 
 class TwoFileBackend:
@@ -87,6 +88,15 @@ def test_every_byte_is_flushed_before_complete_and_complete_before_the_rename(tm
     flushed_before = {path for kind, path, complete in events if kind == "flush" and not complete}
     everything = {str(p) for p in final.rglob("*") if p.name != checkpoint.COMPLETE} | {str(final)}
     assert everything - flushed_before == set(), "written but not flushed before COMPLETE"
+    # ... MANIFEST.json among them, listing every other file of the checkpoint with its digest, so COMPLETE
+    # never stands over files the manifest does not vouch for
+    manifest = final / integrity.MANIFEST
+    assert str(manifest) in flushed_before, "MANIFEST.json is not written and flushed before COMPLETE"
+    listed = set(json.loads(manifest.read_text(encoding="utf-8"))["files"])
+    on_disk = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()} - {checkpoint.COMPLETE,
+                                                                                     integrity.MANIFEST}
+    assert listed == on_disk
+    assert checkpoint.verify(final) == []
 
     # ... with all their bytes: a file flushed before it is fully written (Python's buffer not yet handed to the OS)
     short = {p: (rec.sizes[p], Path(p).stat().st_size) for p in everything if Path(p).is_file()

@@ -24,7 +24,7 @@ def test_packing_joins_documents_with_eos_and_cuts_full_blocks():
     fn = data._tokenize_lm(WordTok(), "text", seq_len=3, pack=True)
     out = fn({"text": ["1 2 3", "4 5", "6 7 8 9 10"]})
     # stream: 1 2 3 E 4 5 E 6 7 8 9 10 E  -> blocks of seq_len+1 = 4, remainder dropped
-    assert out["input_ids"] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 10]]
+    assert np.asarray(out["input_ids"]).tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 10]]  # a numpy block array
 
 
 def test_unpacked_samples_are_truncated_documents():
