@@ -15,10 +15,13 @@ setup(
     python_requires=">=3.10",
     # torch keeps only a lower bound: CPU machines install the local CPU wheel first
     # (pip install torch==2.13.0), GPU machines keep the CUDA build they already have.
+    # Training floors (tests/unit/test_gpu_readiness.py): torch 2.6 for get_total_norm/clip_grads_with_norm_;
+    # transformers: engine/compat.py's TRANSFORMERS_TRAIN; DeepSpeed 0.19.8 is the one whose bf16
+    # fp32-gradient-accumulation support per ZeRO stage was read and tested (backends/ds_config.py).
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         compat["TRANSFORMERS_TRAIN"],  # exports load with compat["TRANSFORMERS_EXPORT"] (a wider range)
-        "deepspeed>=0.15",
+        "deepspeed>=0.19.8",
         "datasets>=3.0",
         "tokenizers>=0.20",
         "tensorboard>=2.15",

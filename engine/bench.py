@@ -10,7 +10,15 @@ At each point, in this process and on this device, with the same model, token da
   hf           Hugging Face `Trainer` (with DeepSpeed for the ZeRO rows; not run for the fsdp rows)
 
 Each is warmed up (`--warmup` steps, which includes compilation), then `--steps` optimizer steps are timed.
-On CUDA the step boundaries are CUDA events (no sync inside the timed window); on CPU, wall time.
+On CUDA the step boundaries are CUDA events (no sync inside the timed window); on CPU, wall time. `ours`
+is timed as the training loop runs it (`_loop_step`: the step's guard, whose status read is the loop's one
+host sync per step on CUDA, and the log-step read-back every train.log_every steps), not `train_step` alone.
+
+Every implementation runs with its own settings: the process-wide switches one sets (TF32, cuDNN
+autotuning, dynamo's caches) are restored after it (`isolated_settings`), so `ours-plain`'s TF32-off does
+not leak into the baselines measured after it. A point where one implementation fails (a DeepSpeed op that
+does not build, an error in a baseline) records that implementation as failed with its error and the grid
+goes on; out-of-memory is recorded the same way.
 Reported per implementation: median step time, tokens/s (= world x micro_batch x grad_accum x seq_len
 per step / median step time), MFU (`engine.metrics`: 6N + 12*L*H*Q*T FLOPs per token over the device's
 peak dense bf16 FLOP/s; null on CPU), peak GPU memory (max_memory_allocated), host RSS; and the ratio
@@ -233,6 +241,31 @@ def _summary(durations: list[float], tokens_per_step: int, fpt: float, peak: flo
     }
 
 
+# ----------------------------------------------------------------------------------- settings isolation
+
+def settings_snapshot() -> dict:
+    """The process-wide switches that change a measurement, as they are now."""
+    from engine import fastpath
+
+    matmul, conv = fastpath.tf32_state()
+    return {"float32_matmul_precision": matmul, "cudnn_tf32": conv, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+@contextlib.contextmanager
+def isolated_settings():
+    """Run one implementation's measurement and put the process-wide switches back afterwards."""
+    from engine import fastpath
+
+    tf32 = fastpath.tf32_state()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        fastpath.restore_tf32(tf32)
+        torch.backends.cudnn.benchmark = benchmark
+        _dynamo_reset()
+
+
 # ------------------------------------------------------------------------------------------ our loop
 
 def engine_config(point: Point, opts: Options, run_dir: Path, corpus: Path, tokenizer_dir: Path, extra: dict):
@@ -255,6 +288,31 @@ def engine_config(point: Point, opts: Options, run_dir: Path, corpus: Path, toke
     return load_config(None, sets)
 
 
+class LoopWindow:
+    """The loop's per-step bookkeeping between log steps (Trainer.train): summed loss and targets on the device."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros(2, device=device)
+
+
+def _loop_step(trainer, window: LoopWindow, last: bool):
+    """One step exactly as `Trainer.train` runs it, minus evaluation and checkpoints: the guard's begin, the
+    step, the guard's end (on CUDA it reads the previous step's status back: the loop's per-step host sync)
+    and, every train.log_every steps, the window's read-back. Returns the step's (loss sum, target count)."""
+    from engine import dist
+
+    trainer.fault.step_begins(trainer.step + 1)
+    loss_sum, count, _, grad_norm, _ = trainer.train_step(trainer.batches.next())
+    trainer.step += 1
+    window.loss += torch.stack([loss_sum, count])
+    trainer.fault.step_ends(trainer.step, grad_norm, final=last)
+    if trainer.step % trainer.cfg.train.log_every == 0 or last:
+        dist.all_reduce_sum(window.loss)
+        window.loss.tolist()
+        window.loss.zero_()
+    return loss_sum, count
+
+
 def measure_ours(point: Point, opts: Options, env, corpus: Path, tokenizer_dir: Path, extra: dict | None = None):
     """(result, trainer facts) for the engine's loop; the trainer is closed before returning."""
     from engine import dist
@@ -266,13 +324,14 @@ def measure_ours(point: Point, opts: Options, env, corpus: Path, tokenizer_dir: 
     trainer = Trainer(cfg, env=env, progress=False)
     try:
         clock, rss = StepClock(env.device), RssPeak()
-        for i in range(opts.warmup + opts.steps):
+        window = LoopWindow(env.device)
+        total = opts.warmup + opts.steps
+        for i in range(total):
             if i == opts.warmup:
                 _sync(env.device)
                 rss.__enter__()
                 clock.mark()
-            loss_sum, count, _, _, _ = trainer.train_step(trainer.batches.next())
-            trainer.step += 1
+            loss_sum, count = _loop_step(trainer, window, last=i == total - 1)
             if i >= opts.warmup:
                 clock.mark()
         rss.__exit__()
@@ -281,12 +340,15 @@ def measure_ours(point: Point, opts: Options, env, corpus: Path, tokenizer_dir: 
         _sync(env.device)
         from engine import metrics
 
-        fpt = metrics.model_flops_per_token(trainer.hf_config, trainer.n_params, point.seq_len)
+        fpt = trainer.flops_per_token
         facts = {"fpt": fpt, "n_params": trainer.n_params, "hf_config": trainer.hf_config, "data": trainer.data,
                  "layout": trainer.layout, "precision": cfg.train.precision, "cfg": cfg}
         tokens = env.world_size * point.micro_batch * point.grad_accum * point.seq_len
         result = _summary(durations, tokens, fpt, metrics.peak_flops(env.device), env.world_size, env.device,
                           float(loss), rss.peak)
+        result["skipped_steps"] = trainer.fault.log_fields().get("skipped_steps", 0)
+        result["compiled"] = bool(cfg.model.compile)
+        result["settings"] = settings_snapshot()
     finally:
         trainer.close()
         dist.barrier()
@@ -346,6 +408,7 @@ def measure_torch(point: Point, opts: Options, env, facts: dict) -> dict:
     import torch.nn.functional as F
 
     _reset_memory(env.device)
+    torch.set_float32_matmul_precision("high")  # what a careful user sets (restored after: isolated_settings)
     steps = opts.warmup + opts.steps
     batches = _batches_for(facts, steps, env.device)
     model = _baseline_model(facts, env)
@@ -354,8 +417,8 @@ def measure_torch(point: Point, opts: Options, env, facts: dict) -> dict:
     if env.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if point.compile:
-        wrapped = torch.compile(wrapped)
+    if point.compile:  # the compiler backend ours uses (perf.compile_backend), so the two compare like with like
+        wrapped = torch.compile(wrapped, backend=facts["cfg"].perf.compile_backend)
     cuda = env.device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
                             fused=True if cuda else None)
@@ -392,8 +455,10 @@ def measure_torch(point: Point, opts: Options, env, facts: dict) -> dict:
         tokens = env.world_size * point.micro_batch * point.grad_accum * point.seq_len
         from engine import metrics
 
-        return _summary(durations, tokens, facts["fpt"], metrics.peak_flops(env.device), env.world_size, env.device,
-                        float(loss.detach()) * len(batches[-1]), rss.peak)
+        result = _summary(durations, tokens, facts["fpt"], metrics.peak_flops(env.device), env.world_size,
+                          env.device, float(loss.detach()) * len(batches[-1]), rss.peak)
+        result["settings"] = settings_snapshot()
+        return result
     finally:
         del wrapped, model, opt
         _dynamo_reset()
@@ -488,8 +553,10 @@ def measure_hf(point: Point, opts: Options, env, facts: dict) -> dict:
         tokens = env.world_size * point.micro_batch * point.grad_accum * point.seq_len
         from engine import metrics
 
-        return _summary(durations, tokens, facts["fpt"], metrics.peak_flops(env.device), env.world_size, env.device,
-                        float(out.training_loss), rss.peak)
+        result = _summary(durations, tokens, facts["fpt"], metrics.peak_flops(env.device), env.world_size,
+                          env.device, float(out.training_loss), rss.peak)
+        result["settings"] = settings_snapshot()
+        return result
     finally:
         with contextlib.suppress(Exception):
             trainer.accelerator.free_memory()
@@ -547,43 +614,40 @@ def run_grid(points: list[Point], opts: Options) -> dict:
               "points": []}
     ds_ok = deepspeed_backend_available()
     for point in points:
-        row: dict = {"point": asdict(point), "label": point.label, "results": {}, "skipped": {}}
+        row: dict = {"point": asdict(point), "label": point.label, "results": {}, "skipped": {}, "failed": {}}
         report["points"].append(row)
         log = print if env.is_main else (lambda *a, **k: None)
         log(f"[bench] {point.label}", file=sys.stderr, flush=True)
         if parse_backend(point.backend)["dist.backend"] == "deepspeed" and not ds_ok:
             row["skipped"]["ours"] = "the DeepSpeed backend (engine/backends/deepspeed.py) is not available"
             continue
-        try:
-            ours, facts = measure_ours(point, opts, env, corpus, tok_dir)
-        except torch.cuda.OutOfMemoryError as e:
-            row["skipped"]["ours"] = f"CUDA out of memory: {str(e).splitlines()[0]}"
-            _reset_memory(env.device)
+        outcome = _attempt(row, "ours", env, lambda: measure_ours(point, opts, env, corpus, tok_dir))
+        if outcome is None:
             continue
+        ours, facts = outcome
         row["results"]["ours"] = ours
         row["n_params"], row["flops_per_token"], row["precision"] = facts["n_params"], facts["fpt"], facts["precision"]
         impls = (["ours-plain"] if opts.ablate else []) + list(opts.baselines)
         for impl in impls:
-            try:
-                if impl == "ours-plain":
-                    row["results"][impl] = measure_ours(point, opts, env, corpus, tok_dir, PLAIN_OVERRIDES)[0]
-                elif impl == "torch":
-                    if point.backend != "ddp":
-                        row["skipped"][impl] = "the plain loop has no ZeRO; compare with the ddp row"
-                        continue
-                    row["results"][impl] = measure_torch(point, opts, env, facts)
-                elif impl == "hf":
-                    if point.backend.startswith("fsdp"):
-                        row["skipped"][impl] = "HF Trainer's FSDP (through accelerate) is not wired up here; " \
-                                               "compare with the ddp and zero rows"
-                        continue
-                    row["results"][impl] = measure_hf(point, opts, env, facts)
-            except torch.cuda.OutOfMemoryError as e:
-                row["skipped"][impl] = f"CUDA out of memory: {str(e).splitlines()[0]}"
-                _reset_memory(env.device)
+            if impl == "torch" and point.backend != "ddp":
+                row["skipped"][impl] = "the plain loop has no ZeRO; compare with the ddp row"
+                continue
+            if impl == "hf" and point.backend.startswith("fsdp"):
+                row["skipped"][impl] = "HF Trainer's FSDP (through accelerate) is not wired up here; " \
+                                       "compare with the ddp and zero rows"
+                continue
+            run = {"ours-plain": lambda: measure_ours(point, opts, env, corpus, tok_dir, PLAIN_OVERRIDES)[0],
+                   "torch": lambda: measure_torch(point, opts, env, facts),
+                   "hf": lambda: measure_hf(point, opts, env, facts)}[impl]
+            result = _attempt(row, impl, env, run)
+            if result is not None:
+                row["results"][impl] = result
             dist.barrier()
         row["ratio"] = {impl: ours["tokens_per_s"] / r["tokens_per_s"] for impl, r in row["results"].items()
                         if impl != "ours" and r.get("tokens_per_s")}
+        if env.is_main:  # results as they come: a grid cut short (a time limit, a crash) still reports
+            with contextlib.suppress(OSError):
+                (opts.out / "throughput.partial.json").write_text(json.dumps(_jsonable(report), indent=1))
     if opts.profile:  # every rank steps (collectives); rank 0 writes
         report["profile"] = profile_best(report, opts, env, corpus, tok_dir)
     if env.is_main:
@@ -592,6 +656,23 @@ def run_grid(points: list[Point], opts: Options) -> dict:
         write_outputs(report, opts.out)
     dist.shutdown()
     return report
+
+
+def _attempt(row: dict, impl: str, env, run):
+    """run() with this implementation's settings isolated; a failure (out of memory, a DeepSpeed op that does
+    not build, any error) is recorded in row["failed"][impl] and returns None, so the grid goes on."""
+    try:
+        with isolated_settings():
+            return run()
+    except UsageError:  # a mistake in the command (--set ...): exit 2, as for any ftl command
+        raise
+    except Exception as e:  # noqa: BLE001  (a failed point is reported as failed, not the grid)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        row["failed"][impl] = f"{'CUDA out of memory' if oom else type(e).__name__}: {first}"[:500]
+        print(f"[bench] {row['label']} / {impl} FAILED: {row['failed'][impl]}", file=sys.stderr, flush=True)
+        _reset_memory(env.device)
+        return None
 
 
 def _jsonable(obj):
@@ -619,9 +700,11 @@ def table(report: dict, markdown: bool = False) -> str:
         for impl in IMPLS:
             r = row["results"].get(impl)
             if r is None:
-                if impl in row["skipped"]:
-                    notes.append(f"{row['label']} / {impl} skipped: {row['skipped'][impl]}")
-                    rows.append([row["label"], impl, f"skipped ({len(notes)})", "", "", "", "", ""])
+                for kind in ("failed", "skipped"):
+                    if impl in row.get(kind, {}):
+                        notes.append(f"{row['label']} / {impl} {kind}: {row[kind][impl]}")
+                        rows.append([row["label"], impl, f"{kind.upper() if kind == 'failed' else kind} ({len(notes)})",
+                                     "", "", "", "", ""])
                 continue
             ratio = row.get("ratio", {}).get(impl)
             rows.append([row["label"], impl, _fmt(r["tokens_per_s"], ",.0f"),
@@ -676,6 +759,7 @@ def write_outputs(report: dict, out: Path) -> None:
     text = table(report)
     print(text)
     (out / "throughput.json").write_text(json.dumps(_jsonable(report), indent=1), encoding="utf-8")
+    (out / "throughput.partial.json").unlink(missing_ok=True)  # complete now
     (out / "throughput.md").write_text(table(report, markdown=True) + "\n", encoding="utf-8")
     plot(report, out / "throughput.png")
     print(f"\nwrote {out / 'throughput.json'}, {out / 'throughput.md'}, {out / 'throughput.png'}", file=sys.stderr)
@@ -683,8 +767,25 @@ def write_outputs(report: dict, out: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- profile
 
+# CUDA runtime calls that make the host wait for the device, as torch.profiler names them. torch's sync debug
+# mode sees only torch's own (.item(), nonzero, blocking copies); these also catch event and stream waits in
+# libraries (DeepSpeed's optimizers) and the loop's own deferred status read.
+HOST_SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def host_syncs(prof) -> dict[str, int]:
+    """Host-device synchronizations in a finished torch.profiler profile, by CUDA runtime call."""
+    out: dict[str, int] = {}
+    for event in prof.events():
+        name = event.name
+        if name in HOST_SYNC_CALLS:
+            out[name] = out.get(name, 0) + 1
+    return out
+
+
 def profile_best(report: dict, opts: Options, env, corpus: Path, tok_dir: Path, steps: int = 3) -> dict | None:
-    """torch.profiler over a few steps of the fastest `ours` point; writes profile.txt and a Chrome trace.
+    """torch.profiler over a few steps of the fastest `ours` point, timed as the loop runs them (`_loop_step`);
+    writes profile.txt and a Chrome trace, and counts the host syncs per step (CUDA runtime calls).
 
     The choice of point must agree on every rank: it is rank 0's, broadcast."""
     from torch.profiler import ProfilerActivity, profile
@@ -699,31 +800,34 @@ def profile_best(report: dict, opts: Options, env, corpus: Path, tok_dir: Path, 
     best = max(done, key=lambda r: r["results"]["ours"]["tokens_per_s"])
     point = Point(**dist.broadcast_object(best["point"]))
     run_dir = _run_dir(opts, env)
-    cfg = engine_config(point, opts, run_dir, corpus, tok_dir, {})
-    trainer = Trainer(cfg, env=env, progress=False)
+    cfg = engine_config(point, opts, run_dir, corpus, tok_dir, {"train.max_steps": max(1, opts.warmup) + steps + 1})
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
-    try:
-        for _ in range(max(1, opts.warmup)):  # compilation and allocator warm-up stay out of the profile
-            trainer.train_step(trainer.batches.next())
-            trainer.step += 1
-        _sync(env.device)
-        with profile(activities=activities, record_shapes=False) as prof:
-            for _ in range(steps):
-                trainer.train_step(trainer.batches.next())
-                trainer.step += 1
+    with isolated_settings():
+        trainer = Trainer(cfg, env=env, progress=False)
+        window = LoopWindow(env.device)
+        try:
+            for _ in range(max(1, opts.warmup)):  # compilation and allocator warm-up stay out of the profile
+                _loop_step(trainer, window, last=False)
             _sync(env.device)
-    finally:
-        trainer.close()
-        _dynamo_reset()
-        if env.is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            with profile(activities=activities, record_shapes=False) as prof:
+                for _ in range(steps):
+                    _loop_step(trainer, window, last=False)
+                _sync(env.device)
+        finally:
+            trainer.close()
+            if env.is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)
     if not env.is_main:
         return None
     key = "cuda_time_total" if env.device.type == "cuda" else "cpu_time_total"
     text = prof.key_averages().table(sort_by=key, row_limit=40)
-    (opts.out / "profile.txt").write_text(f"{point.label}\n{text}\n", encoding="utf-8")
+    syncs = host_syncs(prof)
+    per_step = (sum(syncs.values()) - (1 if env.device.type == "cuda" else 0)) / steps  # minus the final _sync
+    (opts.out / "profile.txt").write_text(f"{point.label}\nhost syncs in {steps} steps: {syncs}\n{text}\n",
+                                          encoding="utf-8")
     prof.export_chrome_trace(str(opts.out / "profile-trace.json"))
-    return {"point": point.label, "table": str(opts.out / "profile.txt"), "trace": str(opts.out / "profile-trace.json")}
+    return {"point": point.label, "table": str(opts.out / "profile.txt"), "trace": str(opts.out / "profile-trace.json"),
+            "host_syncs": syncs, "host_syncs_per_step": per_step, "steps": steps}
 
 
 # --------------------------------------------------------------------------------------- memory table
@@ -775,34 +879,47 @@ def memory_table(presets: list[str], world: int, gpu_gib: float, vocab: int = 50
 
 
 def find_max_micro_batch(presets: list[str], backends: list[str], seq_len: int, opts: Options,
-                         limit: int = 1024) -> list[dict]:
-    """On CUDA: the largest power-of-two micro-batch that trains (3 steps) per preset and backend."""
+                         limit: int = 1024, start: int = 1) -> list[dict]:
+    """The largest power-of-two micro-batch (from `start` up to `limit`) that trains 3 eager steps, per preset
+    and backend: on CUDA the first out-of-memory ends the search (the previous size is the answer, with its
+    peak memory). On the CPU nothing runs out of memory and the search stops at `limit` (gpu_check.sh's
+    --dry-run). Any other failure is recorded with the size it happened at."""
     from engine import dist
 
     env = dist.init("auto")
-    if env.device.type != "cuda":
-        raise UsageError("--find-max-micro-batch measures GPU memory; it needs a CUDA device")
     opts.out.mkdir(parents=True, exist_ok=True)
     cache = opts.out / "_data"
     make_tokenizer(opts.vocab, cache / f"tokenizer-{opts.vocab}")
     probe = Options(**{**asdict(opts), "steps": 2, "warmup": 1, "baselines": (), "ablate": False})
+    # one corpus, large enough for the largest size, tokenized once (every trial reads the same cached data)
+    corpus = make_corpus(cache / f"random-{opts.vocab}.jsonl", opts.vocab,
+                         needed_tokens([Point(presets[0], backends[0], limit, seq_len, False)], probe, env.world_size))
     rows = []
     for preset in presets:
         for backend in backends:
-            best, mb = None, 1
+            best, mb, stopped = None, max(1, start), "limit"
             while mb <= limit:
                 point = Point(preset, backend, mb, seq_len, False)
-                corpus = make_corpus(cache / f"random-{opts.vocab}.jsonl", opts.vocab,
-                                     needed_tokens([point], probe, env.world_size))
                 try:
-                    result, _ = measure_ours(point, probe, env, corpus, cache / f"tokenizer-{opts.vocab}")
+                    with isolated_settings():
+                        result, _ = measure_ours(point, probe, env, corpus, cache / f"tokenizer-{opts.vocab}")
                 except torch.cuda.OutOfMemoryError:
                     _reset_memory(env.device)
+                    stopped = f"out of memory at {mb}"
+                    break
+                except UsageError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    _reset_memory(env.device)
+                    stopped = f"{type(e).__name__} at {mb}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                     break
                 best = {"preset": preset, "backend": backend, "seq_len": seq_len, "micro_batch": mb,
                         "peak_gpu_mib": result["peak_gpu_mib"], "tokens_per_s": result["tokens_per_s"]}
                 mb *= 2
-            rows.append(best or {"preset": preset, "backend": backend, "seq_len": seq_len, "micro_batch": 0})
+            row = best or {"preset": preset, "backend": backend, "seq_len": seq_len, "micro_batch": 0}
+            row["stopped"] = stopped
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
-    (opts.out / "max_micro_batch.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+            (opts.out / "max_micro_batch.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    dist.shutdown()
     return rows

@@ -612,11 +612,14 @@ def _on_off(v: str) -> bool:
 @click.option("--profile", is_flag=True, help="Also torch.profiler the fastest point (profile.txt + trace).")
 @click.option("--memory-table", is_flag=True, help="Print the analytic model-state memory table and exit.")
 @click.option("--find-max-micro-batch", is_flag=True, help="CUDA: largest micro-batch per preset/backend, then exit.")
+@click.option("--mb-range", default="1,1024", show_default=True, metavar="START,LIMIT",
+              help="--find-max-micro-batch: the powers of two tried, from START up to LIMIT.")
 @click.option("--world", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks, for --memory-table.")
 @click.option("--gpu-gib", type=float, default=80.0, show_default=True, help="GPU memory, for --memory-table.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Engine config override for 'ours'.")
 def bench(quick, presets, backends, micro_batches, seq_lens, compiles, grad_accum, steps, warmup, precision, baselines,
-          ablate, vocab, checkpointing, out, profile, memory_table, find_max_micro_batch, world, gpu_gib, overrides):
+          ablate, vocab, checkpointing, out, profile, memory_table, find_max_micro_batch, mb_range, world, gpu_gib,
+          overrides):
     """Throughput grid: the engine vs a plain PyTorch loop vs Hugging Face Trainer, side by side.
 
     Prints a table (tokens/s, MFU, step time, peak GPU memory, host RSS, ratio ours/baseline) and writes
@@ -649,7 +652,11 @@ def bench(quick, presets, backends, micro_batches, seq_lens, compiles, grad_accu
     )
     seq_lens = seq_lens or q.get("seq_lens") or [1024]
     if find_max_micro_batch:
-        bench_lib.find_max_micro_batch(presets, backends, seq_lens[0], opts)
+        try:
+            start, limit = (int(x) for x in mb_range.split(","))
+        except ValueError:
+            raise UsageError(f"--mb-range {mb_range!r} must be START,LIMIT (two integers)") from None
+        bench_lib.find_max_micro_batch(presets, backends, seq_lens[0], opts, limit=limit, start=start)
         return
     points = [bench_lib.Point(p, b, mb, t, c, grad_accum or q.get("grad_accum", 1))
               for p in presets for b in backends for mb in (micro_batches or q.get("micro_batches") or [8])

@@ -24,7 +24,8 @@ installed beside the virtual environment by .ci/run:
 This file imports nothing at module level, so setup.py and .ci/run can read it without the engine.
 """
 
-TRANSFORMERS_TRAIN = "transformers>=4.46"
+# 4.57: the oldest the fast path was run on (its GPT2Block returns a tuple: fastpath.run_block; issue 13)
+TRANSFORMERS_TRAIN = "transformers>=4.57"
 TRANSFORMERS_EXPORT = "transformers>=4.57"
 
 # The oldest transformers of the export range and what it needs that the engine's environment has in another

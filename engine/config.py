@@ -103,7 +103,9 @@ class ModelConfig:
     head: str = opt("lm", "lm: language model tied to the token embedding; cls: sequence classification.", ("lm", "cls"))
     num_labels: int = opt(0, "Classes for head=cls; 0 infers them from the training data.")
     dropout: float = opt(0.0, "Dropout on embeddings, attention and residual streams (0 disables).")
-    compile: bool = opt(False, "torch.compile the model.")
+    compile: bool | None = opt(None, "torch.compile the training step (the model and its loss). Empty (null) or auto: on "
+                                     "for CUDA with DDP or ZeRO 0-2 (if compilation fails the run says so and continues "
+                                     "eager), off on the CPU, where compiling costs more than it saves.")
     gradient_checkpointing: bool = opt(False, "Recompute each block's activations in backward to save memory.")
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa (flash/memory-efficient) or eager.", ("sdpa", "eager"))
     max_positions: int = opt(0, "Learned positions of the model; more than it has (GPT-2: 1024) extends the position "
@@ -413,7 +415,9 @@ class DistConfig:
     timeout_s: int = opt(1800, "Collective timeout in seconds at start-up, in the first step, evaluation and checkpoint "
                                "saves (dist.step_timeout_s applies to the other steps).")
     step_timeout_s: int = opt(600, "Collective timeout in seconds once the first step has completed: a rank waiting "
-                                   "longer for its peers raises an error instead of hanging.")
+                                   "longer for its peers raises an error instead of hanging. With the watchdog on, "
+                                   "every collective timeout is at least the watchdog's deadline + 60 s (on every "
+                                   "process group), so the watchdog's stack dump and exit code 4 come first.")
     watchdog_s: int = opt(1200, "A training step running longer than this makes the rank write every thread's stack to "
                                 "<run dir>/hang-rank<R>.txt and exit with code 4 (0 disables). The first step, "
                                 "evaluation and checkpoint saves get dist.timeout_s.")
@@ -466,14 +470,18 @@ class PerfConfig:
                                 "logits are masked; exports keep the real vocabulary). 1 disables.")
     chunked_ce: bool = opt(True, "lm head: compute the output layer and the loss in chunks of tokens, never "
                                  "materializing the [tokens x vocab] fp32 logits.")
-    ce_chunk_tokens: int = opt(0, "Tokens per chunk of the chunked loss; 0: auto (chunk logits <= 256 MiB).")
+    ce_chunk_tokens: int = opt(0, "Tokens per chunk of the chunked loss; 0: auto, per device (CPU: chunk logits "
+                                  "<= 2^26 values, CUDA: <= 2^28, in equal chunks).")
+    fused_loss: bool = opt(True, "CUDA: compile each chunk's softmax and gradient into fused kernels (torch.compile), "
+                                 "also when model.compile is off; falls back to eager with a warning if that fails.")
     causal_body: bool = opt(True, "lm head, sdpa, unpadded batches: call the GPT-2 blocks directly with causal SDPA "
                                   "(flash on GPU), skipping transformers' per-forward mask checks (host syncs).")
     fused_gelu: bool = opt(True, "Compute GPT-2's gelu_new (tanh GELU) in one kernel (F.gelu approximate=tanh) "
                                  "instead of transformers' 8 elementwise operations.")
     tf32: bool = opt(True, "CUDA: TF32 tensor-core matmuls for fp32 (train.precision=fp32).")
-    compile_mode: str = opt("default", "torch.compile mode when model.compile=true.",
-                            ("default", "max-autotune-no-cudagraphs", "max-autotune"))
+    compile_mode: str = opt("default", "torch.compile mode when model.compile is on (reduce-overhead and max-autotune "
+                                       "replay CUDA graphs).",
+                            ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"))
     compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager/eager for debugging).",
                                ("inductor", "aot_eager", "eager"))
 
@@ -652,8 +660,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
+        if value is None or (args == [bool] and isinstance(value, str) and value.strip().lower() in ("auto", "")):
+            return None  # an optional switch: empty/null/auto lets the engine decide
         errors = []
         for arg in args:  # the first member of the union the value converts to
             try:

@@ -765,18 +765,28 @@ class TrainBatches:
         return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
 
     def _worker(self):
+        # Any error here (a bad row, pinning without a GPU, ...) is handed to the loop as the next item: a
+        # thread that died silently would leave next() waiting on an empty queue for ever (a "hang").
         sample = self.sample
-        while not self._stop.is_set():
-            item = self.micro_batches(sample)
-            if self.device.type == "cuda":
-                item = [{k: v.pin_memory() for k, v in mb.items()} for mb in item]
+        try:
             while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            sample += self.layout.global_batch
+                item = self.micro_batches(sample)
+                if self.device.type == "cuda":
+                    item = [{k: v.pin_memory() for k, v in mb.items()} for mb in item]
+                if not self._put(item):
+                    return
+                sample += self.layout.global_batch
+        except BaseException as e:  # noqa: BLE001  (re-raised in the loop's thread)
+            self._put(_WorkerFailed(e))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def next(self) -> list[dict[str, torch.Tensor]]:
         """The current global batch's micro-batches, then advance by one global batch."""
@@ -785,14 +795,29 @@ class TrainBatches:
                 self._q = queue.Queue(maxsize=self._prefetch)
                 self._thread = threading.Thread(target=self._worker, daemon=True, name="ftl-prefetch")
                 self._thread.start()
-            mbs = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in self._q.get()]
+            item = self._q.get()
+            if isinstance(item, _WorkerFailed):
+                self._q.put_nowait(item)  # every later call fails the same way (the worker has stopped)
+                raise RuntimeError(f"the batch prefetching thread failed: {item.error!r}") from item.error
+            mbs = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in item]
         else:
             mbs = self._to_device(self.micro_batches(self.sample))
         self.sample += self.layout.global_batch
         return mbs
 
     def close(self) -> None:
+        """Stop and join the prefetching thread (it sees the flag within 0.1 s, or after its current batch)."""
         self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=60)
+
+
+class _WorkerFailed:
+    """What the prefetching thread puts in the queue instead of a batch when it fails."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 def real_tokens(batch: dict[str, torch.Tensor]):

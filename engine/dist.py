@@ -162,7 +162,7 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     layout = launcher_env()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
-        dev = torch.device("cuda", layout["local_rank"] % max(1, torch.cuda.device_count()))
+        dev = torch.device("cuda", cuda_device_index(layout))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -187,6 +187,32 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     )
 
 
+def cuda_device_index(layout: dict) -> int:
+    """This rank's GPU: its local rank among the visible GPUs.
+
+    Two ranks on one GPU fail much later inside NCCL ("Duplicate GPU detected"), so more local ranks than
+    visible GPUs is refused here (exit 2, before anything is written). torchrun and the deepspeed launcher
+    show every rank of a node the same GPUs; only `srun` with one GPU bound per task (--gpus-per-task=1,
+    each task seeing its own GPU as device 0) legitimately has fewer visible GPUs than local ranks."""
+    from engine.errors import UsageError
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_rank, local_world = int(layout["local_rank"]), int(layout["local_world_size"])
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
+    if visible == 0:
+        raise UsageError(f"train.device=cuda but this process sees no CUDA GPU{where}; use train.device=cpu "
+                         f"(or auto) on a machine without one")
+    if layout.get("launcher") == "srun" and visible == 1:
+        return 0  # SLURM bound one GPU to this task
+    if local_rank >= visible or local_world > visible:
+        raise UsageError(f"{local_world} ranks on this node but only {visible} visible GPU"
+                         f"{'s' if visible != 1 else ''}{where}: each rank needs a GPU of its own (two ranks on one "
+                         f"GPU fail in NCCL with 'Duplicate GPU detected'); start at most {visible} per node "
+                         f"(ftl launch --nproc-per-node {visible}) or use train.device=cpu")
+    return local_rank
+
+
 def init_single_process_group(device: torch.device) -> None:
     """A process group of one, for libraries that need one even in a single process (DeepSpeed).
     An in-memory store: no address, no port, nothing another job could collide with."""
@@ -198,18 +224,44 @@ def init_single_process_group(device: torch.device) -> None:
 
 
 def set_timeout(seconds: float) -> bool:
-    """Change the collective timeout of the default process group from now on (gloo and nccl alike).
+    """Change the collective timeout of EVERY process group this rank belongs to from now on (gloo and nccl
+    alike): the default group and the ones libraries create (DeepSpeed's data-parallel groups would otherwise
+    keep their own 30 minutes, past the hang watchdog).
 
     False where this torch has no way to (the start-up timeout then stays in force)."""
     if not torch_dist.is_initialized():
         return False
     try:
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-
-        _set_pg_timeout(datetime.timedelta(seconds=seconds))
-        return True
-    except (ImportError, AttributeError, RuntimeError, ValueError):
+        from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+    except ImportError:
         return False
+    timeout = datetime.timedelta(seconds=seconds)
+    done = False
+    for group in list(_world.pg_map):
+        try:
+            _set_pg_timeout(timeout, group)
+            done = True
+        except (AttributeError, RuntimeError, ValueError, AssertionError):  # a group this rank is not in
+            continue
+    return done
+
+
+def group_timeouts() -> list[float]:
+    """The collective timeout (seconds) of every process group this rank belongs to, for tests and reports."""
+    from torch.distributed.distributed_c10d import _world
+
+    out = []
+    for group in list(_world.pg_map):
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            try:
+                backend = group._get_backend(device)
+            except RuntimeError:
+                continue
+            timeout = getattr(getattr(backend, "options", None), "_timeout", None)
+            if timeout is not None:
+                out.append(timeout.total_seconds())
+                break
+    return out
 
 
 def shutdown() -> None:
@@ -244,6 +296,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_initialized():
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_sum_async(t: torch.Tensor):
+    """Start an in-place sum over ranks; returns the work handle (None for one process). Its `.wait()`
+    blocks the host on gloo and only the current CUDA stream on nccl."""
+    if torch_dist.is_initialized():
+        return torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM, async_op=True)
+    return None
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:

@@ -92,3 +92,10 @@ class StoppedEarly(BaseException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ExportMismatch(RunStopped, RuntimeError):
+    """The exported model, reloaded by plain transformers, does not reproduce the engine's logits. The run's
+    checkpoint is complete and kept; the message says what differed (exit code 1, a runtime failure)."""
+
+    exit_code = EXIT_FAILURE

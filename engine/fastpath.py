@@ -1,7 +1,7 @@
 """The fast path: what the training forward does differently from stock transformers, and why.
 
 Every piece is switchable from the `perf` config section (and `train.precision`, `model.compile`,
-`model.gradient_checkpointing`, `optim.fused`); README "Performance" lists them with their defaults.
+`model.gradient_checkpointing`, `optim.fused`); docs/performance.md lists them with their defaults.
 
 1. Padded vocabulary. The tied embedding / LM head is padded to a multiple of `perf.pad_vocab_to`
    rows (GPT-2's 50257 -> 50304), so the largest matmul of the model has tensor-core friendly shapes.
@@ -36,8 +36,8 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
    forward + backward, max difference 2.4e-7 in fp32). Exports are unaffected (no weights change, the
    config still says gelu_new); compiled runs fuse either.
 
-5. `configure()`: TF32 matmuls for fp32 on CUDA, and `train.precision=auto` resolved to bf16 on a
-   GPU that supports it (fp32 elsewhere).
+5. `configure()`: TF32 matmuls for fp32 on CUDA (through the legacy API: see `set_tf32`), and
+   `train.precision=auto` resolved to bf16 on a GPU that supports it (fp32 elsewhere).
 
 6. Packed examples (prompt_completion/chat with data.pack=true, text with data.isolate_documents): the
    causal body above assumes positions 0..T-1 and plain causal attention, which would let an example
@@ -46,9 +46,16 @@ Every piece is switchable from the `perf` config section (and `train.precision`,
    causal mask of `document_mask` (SDPA with a boolean mask: the memory-efficient kernel on GPU, not
    flash). The transformers path gets the same mask as a prepared 4D mask. Invariant 6 (a packed row's
    per-token losses and gradients equal its examples run alone) is tested with these default settings.
+
+7. Compilation. `resolve_compile()`: model.compile=auto is on for CUDA (DDP, ZeRO 0-2); `CompiledOrEager`
+   falls back to eager with a message if compiling the step fails; `compile_report()` states the graphs
+   and graph breaks after the first step. The chunked loss's per-chunk work is compiled on its own on CUDA
+   (perf.fused_loss, losses.py) so eager runs get fused kernels for it too.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +63,12 @@ from torch import nn
 
 from engine import losses
 
-# logits chunk budget for perf.ce_chunk_tokens=0: rows x padded vocab <= this many fp32 values (256 MiB)
-CHUNK_ELEMENTS = 1 << 26
+# logits chunk budget for perf.ce_chunk_tokens=0, per device: rows x padded vocab <= this many values. On the CPU
+# 2^26 (a 256 MiB fp32 block: the eager softmax passes stay cheap); on CUDA 2^28 (for GPT-2's 50304 rows, 5336
+# rows: 16k-token micro-batches in 4 chunks, each matmul large enough to run near the tensor-core peak, 0.5 GiB
+# of bf16 logits and as much gradient alive at a time).
+CHUNK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
+CHUNK_ROW_MULTIPLE = 64  # tensor-core friendly row counts
 
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
@@ -73,18 +84,141 @@ def configure(cfg, device: torch.device) -> None:
     """Process-wide switches, set once before the model is built; resolves train.precision=auto."""
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
-        mode = "tf32" if cfg.perf.tf32 else "ieee"
-        matmul = torch.backends.cuda.matmul
-        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-            matmul.fp32_precision = mode
-            torch.backends.cudnn.conv.fp32_precision = mode
-        else:
-            matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.perf.tf32
+        set_tf32(cfg.perf.tf32)
+        losses.probe_fp32_accumulation(device)  # the chunked loss's fp32-output GEMM, if this torch has it
 
 
-def compile_options(perf) -> tuple[str, dict]:
+# TF32. torch >= 2.9 has two ways to say it: the legacy `torch.set_float32_matmul_precision` /
+# `cudnn.allow_tf32` and the per-backend `fp32_precision` attributes. Setting the new ones makes the legacy
+# getter `torch.get_float32_matmul_precision()` raise ("mix of the legacy and new APIs"), and inductor's
+# max-autotune calls that getter. The legacy setters update the new state consistently on every torch from
+# 1.12 to 2.13 (both getters answer afterwards), so the engine only ever uses them.
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor-core math for fp32 matmuls and convolutions on CUDA, on or off (process-wide)."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def tf32_state() -> tuple[str, bool]:
+    """The current TF32 settings, to restore later; readable even after someone used the new API."""
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through the new API by other code: read that instead
+        matmul = "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+    try:
+        conv = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        conv = torch.backends.cudnn.conv.fp32_precision == "tf32"
+    return matmul, conv
+
+
+def restore_tf32(state: tuple[str, bool]) -> None:
+    torch.set_float32_matmul_precision(state[0])
+    torch.backends.cudnn.allow_tf32 = state[1]
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off inside the block (logit checks compare true fp32 results), restored after."""
+    state = tf32_state()
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        restore_tf32(state)
+
+
+def resolve_compile(cfg, device: torch.device, log=print, supported: bool = True) -> bool:
+    """model.compile with auto decided: on for CUDA with DDP or ZeRO 0-2 (`supported`: the backend can
+    compile at all), off elsewhere (on the CPU compiling costs more than it saves; ZeRO-3's parameter hooks
+    are not proven under compile here). On when asked for, unless inductor has no Triton to generate CUDA
+    kernels with: then a message, and eager."""
+    want = cfg.model.compile
+    if want is None:
+        want = (supported and device.type == "cuda"
+                and not (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage >= 3))
+    if want and device.type == "cuda" and cfg.perf.compile_backend == "inductor" and not _has_triton():
+        log("warning: model.compile: inductor needs Triton to generate CUDA kernels and it is not installed "
+            "(pip install triton); training without compilation")
+        return False
+    return bool(want)
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # very old torch: try the import itself
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return has_triton()
+
+
+def compile_options(perf) -> tuple[object, dict]:
     """(backend, torch.compile keyword arguments) for model.compile=true, shared by every backend."""
-    return perf.compile_backend, ({} if perf.compile_mode == "default" else {"mode": perf.compile_mode})
+    from engine import fault
+
+    backend = perf.compile_backend
+    if fault.planned("compile_fail", 0, 0) is not None:  # tests: a backend that fails like a broken toolchain
+        backend = _failing_compiler
+    return backend, ({} if perf.compile_mode == "default" else {"mode": perf.compile_mode})
+
+
+def _failing_compiler(graph_module, example_inputs):
+    raise RuntimeError("FTL_FAULT_INJECT compile_fail: the compiler backend failed")
+
+
+class CompiledOrEager:
+    """The compiled training forward, replaced for good by the eager one if compiling it fails.
+
+    torch.compile compiles lazily, at the first call, before any gradient or collective of that step
+    exists, so falling back there is safe: the same micro-batch runs again eagerly. A failure later (the
+    backward is compiled at the first backward) is not caught: it names model.compile in its message."""
+
+    def __init__(self, compiled, eager, undo=None, log=print):
+        self.compiled, self.eager, self.undo, self.log = compiled, eager, undo, log
+        self.checked = False
+
+    def __call__(self, *args, **kwargs):
+        if self.checked:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (whatever the compiler raised: eager is always right)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.log(f"warning: model.compile: compiling the training step failed ({type(e).__name__}: {first}); "
+                     f"continuing without compilation (set model.compile=false to skip the attempt)")
+            if self.undo is not None:
+                self.undo()
+            self.compiled = self.eager
+            out = self.eager(*args, **kwargs)
+        self.checked = True
+        return out
+
+    def __getattr__(self, name):  # no_sync(), module, ... of the wrapped model
+        return getattr(self.eager, name)
+
+
+def start_compile_report() -> None:
+    """Forget what dynamo compiled before (its counters are per process), so the report covers this run."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+
+
+def compile_report() -> str:
+    """What dynamo made of the training step so far: graphs and graph breaks (each break splits the step into
+    separately compiled pieces with Python in between; the fast path is meant to have none)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters.get("graph_break", {})
+    n_breaks = sum(breaks.values())
+    graphs = counters.get("stats", {}).get("unique_graphs", 0)
+    line = f"model.compile: the training step compiled into {graphs} graph(s) with {n_breaks} graph break(s)"
+    if n_breaks:
+        line += ": " + "; ".join(f"{reason} (x{n})" for reason, n in list(breaks.items())[:3])
+    return line
 
 
 def padded_size(vocab: int, multiple: int) -> int:
@@ -99,27 +233,41 @@ class LMHead(nn.Module):
     where nothing is predicted), chunked or plain as configured.
     """
 
-    def __init__(self, weight: nn.Parameter, vocab_size: int, chunked: bool = True, chunk_tokens: int = 0):
+    def __init__(self, weight: nn.Parameter, vocab_size: int, chunked: bool = True, chunk_tokens: int = 0,
+                 fused: bool = True):
         super().__init__()
         self.weight = weight
         self.vocab_size = vocab_size
         self.chunked = chunked
         self.chunk_tokens = chunk_tokens
+        self.fused = fused
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def chunk_rows(self) -> int:
-        return self.chunk_tokens or max(1, CHUNK_ELEMENTS // max(1, self.weight.shape[0]))
+    def chunk_rows(self, tokens: int | None = None, device: torch.device | None = None) -> int:
+        """Rows per chunk: perf.ce_chunk_tokens, else the device's budget (CHUNK_ELEMENTS) split evenly over
+        `tokens` rows (equal chunks: one compiled shape, no small remainder chunk)."""
+        if self.chunk_tokens:
+            return self.chunk_tokens
+        rows_of = self.weight.ds_shape[0] if hasattr(self.weight, "ds_shape") else self.weight.shape[0]
+        kind = (device or self.weight.device).type
+        budget = max(CHUNK_ROW_MULTIPLE, CHUNK_ELEMENTS.get(kind, CHUNK_ELEMENTS["cpu"]) // max(1, rows_of))
+        if tokens is None or tokens <= budget:
+            return budget if tokens is None else max(1, tokens)
+        chunks = -(-tokens // budget)
+        rows = -(-tokens // chunks)
+        return min(budget, -(-rows // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                label_smoothing: float = 0.0) -> torch.Tensor:
+                label_smoothing: float = 0.0, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return F.linear(hidden, self.weight)[..., : self.vocab_size]
         if self.chunked:
-            return losses.linear_cross_entropy_sum(hidden, self.weight, labels, self.vocab_size, self.chunk_rows(),
-                                                   label_smoothing)
+            rows = self.chunk_rows(labels.numel(), hidden.device)
+            return losses.linear_cross_entropy_sum(hidden, self.weight, labels, self.vocab_size, rows,
+                                                   label_smoothing, grad_scale, self.fused)
         logits = F.linear(hidden, self.weight)[..., : self.vocab_size]  # slicing drops padded columns
         if label_smoothing:
             return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=losses.IGNORE,
@@ -128,7 +276,7 @@ class LMHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"vocab={self.vocab_size}, padded={self.weight.shape[0]}, chunked={self.chunked}, "
-                f"chunk_tokens={self.chunk_tokens or 'auto'}")
+                f"chunk_tokens={self.chunk_tokens or 'auto'}, fused={self.fused}")
 
 
 def install_lm_head(hf_model: nn.Module, perf) -> None:
@@ -141,7 +289,8 @@ def install_lm_head(hf_model: nn.Module, perf) -> None:
         hf_model.resize_token_embeddings(real, pad_to_multiple_of=perf.pad_vocab_to, mean_resizing=False)
     hf_model.config.get_text_config().vocab_size = real
     hf_model.vocab_size = real
-    hf_model.lm_head = LMHead(hf_model.get_output_embeddings().weight, real, perf.chunked_ce, perf.ce_chunk_tokens)
+    hf_model.lm_head = LMHead(hf_model.get_output_embeddings().weight, real, perf.chunked_ce, perf.ce_chunk_tokens,
+                              perf.fused_loss)
 
 
 def padding_parameters(hf_model: nn.Module) -> int:
@@ -196,8 +345,21 @@ def causal_body(transformer: nn.Module, input_ids: torch.Tensor, position_ids: t
     mask = None if document_ids is None else document_mask(document_ids)
     hidden = transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
     for block in transformer.h:
-        hidden = block(hidden) if mask is None else block(hidden, attention_mask=mask)
+        hidden = (run_block(transformer, block, hidden) if mask is None
+                  else run_block(transformer, block, hidden, attention_mask=mask))
     return transformer.ln_f(hidden)
+
+
+def run_block(transformer: nn.Module, block: nn.Module, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One GPT2Block as GPT2Model.forward runs it, on every supported transformers: 5.x blocks return the
+    hidden states and checkpoint themselves (GradientCheckpointingLayer); 4.x blocks return a tuple and
+    leave activation checkpointing to GPT2Model.forward, which this path skips, so it is done here."""
+    if (getattr(transformer, "gradient_checkpointing", False) and transformer.training
+            and not getattr(block, "gradient_checkpointing", False)):
+        out = transformer._gradient_checkpointing_func(block.__call__, hidden, **kwargs)
+    else:
+        out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def document_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -8,6 +8,9 @@ rank was signalled, without an extra collective. The run then saves a checkpoint
 and stops with exit code 75 (errors.EXIT_PREEMPTED). A second signal only sets the flag again: the
 save is never interrupted.
 
+The count all-reduce is asynchronous: it is issued before the first micro-batch's forward and waited for
+just before the first backward, which is the first use of the count, so the forward never waits for it.
+
 Ctrl-C. The first SIGINT is handled the same way (its own element of the all-reduce), but the run stops
 with exit code 130 and no requeue marker, printing the command that resumes it; a second SIGINT ends the
 process at once (a thread watching the signal wake-up pipe, so even a rank blocked in a collective or a
@@ -21,7 +24,8 @@ Reading a device value back is a host sync. On CPU it costs nothing (the work ha
 guard reads the step's status at its end. On CUDA it reads the PREVIOUS step's status, copied to pinned
 memory without blocking and finished long before: a preemption or a non-finite streak is acted on one
 step later, and the device never waits for the host. Every rank reads the same step's value at the same
-boundary, so they still agree.
+boundary, so they still agree. The last step of a run has no next step: its status is read at once
+(`step_ends(..., final=True)`), so a NaN or a signal in the last step is never dropped.
 
 Non-finite guard. A step whose loss or gradient norm is NaN/inf on any rank is skipped on every rank: a
 non-finite local loss is turned into NaN gradients (`nan_if_nonfinite`), the backend's own gradient
@@ -29,10 +33,14 @@ all-reduce carries them to every rank, so the global gradient norm (identical ev
 everywhere, and the backend's step leaves weights and optimizer state untouched (`step_unless_nonfinite`).
 After `train.max_bad_steps` consecutive skips the run stops with exit code 3.
 
-Hangs. Collective timeouts are `dist.timeout_s` until the first step has completed (start-up, data,
-compilation), then `dist.step_timeout_s`, and `dist.timeout_s` again inside evaluation and checkpoint
-saves. A watchdog thread gives each step `dist.watchdog_s` (the first one `dist.timeout_s`); past it, the
-rank writes every thread's stack to `<run dir>/hang-rank<R>.txt` and exits with code 4.
+Hangs. A watchdog thread gives each step `dist.watchdog_s` (the first one, evaluation and checkpoint saves
+`dist.timeout_s`); past it, the rank writes every thread's stack to `<run dir>/hang-rank<R>.txt` and exits
+with code 4. Collective timeouts are the backstop and must fire AFTER the watchdog, or a stuck NCCL
+collective aborts the process with no stack dump and no exit 4: with the watchdog on, every collective
+timeout is the watchdog deadline of the same phase plus `WATCHDOG_MARGIN_S` (for steps at least
+`dist.step_timeout_s`), and it is set on every process group, DeepSpeed's own included. Without the
+watchdog (dist.watchdog_s=0) the timeouts are `dist.timeout_s` until the first step has completed, then
+`dist.step_timeout_s`, and `dist.timeout_s` again inside evaluation and checkpoint saves.
 
 Fault injection, for tests and drills only, inert unless the environment variable is set:
 
@@ -46,6 +54,9 @@ Fault injection, for tests and drills only, inert unless the environment variabl
     hang_save        the rank stops inside the save of step N, after writing its files and before the
                      checkpoint is complete (until killed)
     slow_save        the same, but it goes on after S seconds (default 3)
+    bad_export       the export check (final/, best/) sees a reloaded model whose logits are off by 1.0 at one
+                     position: what a broken export looks like to it
+    compile_fail     model.compile's compiler backend raises at the first compiled call (a broken toolchain)
 
 `rank` and `step` default to every rank / step; `attempt` (default 0) is torchrun's restart count, so an
 injected crash does not repeat after an elastic restart. Each injection prints `FTL_FAULT <kind> ...`
@@ -75,6 +86,22 @@ from engine.errors import (EXIT_HUNG, EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 PREEMPTED_MARKER = "PREEMPTED"  # in the run directory while the latest stop was a preemption (for `ftl launch`)
+WATCHDOG_MARGIN_S = 60.0  # a collective times out this long after the watchdog's deadline of the same phase
+
+
+def collective_timeout(cfg, phase_limit_s: float, step_phase: bool = False) -> float:
+    """The collective timeout for a phase whose watchdog deadline is `phase_limit_s` (see the module
+    docstring): past the watchdog's deadline, so the watchdog writes the stacks and exits 4 first."""
+    d = cfg.dist
+    configured = d.step_timeout_s if step_phase else d.timeout_s
+    if not d.watchdog_s:
+        return float(configured)
+    return max(float(configured), float(phase_limit_s) + WATCHDOG_MARGIN_S)
+
+
+def startup_collective_timeout(cfg) -> float:
+    """What the process group is created with (start-up and the first step run under dist.timeout_s)."""
+    return collective_timeout(cfg, cfg.dist.timeout_s)
 
 
 # ------------------------------------------------------------------------------------------- signals
@@ -305,7 +332,7 @@ class Fault:
     seconds: float = 3.0
 
 
-FAULT_KINDS = ("crash", "nan", "skip_collective", "hang_save", "slow_save")
+FAULT_KINDS = ("crash", "nan", "skip_collective", "hang_save", "slow_save", "bad_export", "compile_fail")
 
 
 def parse_faults(spec: str) -> list[Fault]:
@@ -370,11 +397,27 @@ def inject_in_save(step: int, rank: int) -> None:
 
 # ------------------------------------------------------------------------------- the per-run object
 
+class PendingCount:
+    """A step's count all-reduce in flight (see the module docstring)."""
+
+    def __init__(self, owner: "FaultTolerance", packed: torch.Tensor, work):
+        self._owner, self._packed, self._work = owner, packed, work
+
+    def wait(self) -> torch.Tensor:
+        """The global count (on NCCL the compute stream waits for the reduction, not the host)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        self._owner._agreed = self._packed[1:]
+        self._owner._stop = self._packed[1] + self._packed[2]  # preemption signals + Ctrl-Cs
+        return self._packed[0]
+
+
 class FaultTolerance:
     """What the training loop calls at each step boundary (see the module docstring)."""
 
     def __init__(self, cfg, env: dist.DistEnv, run_dir: Path, backend, print_fn=print,
-                 signals: PreemptionSignals | None = None):
+                 signals: PreemptionSignals | None = None, defer: bool | None = None):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.print = print_fn
         self.loss_scale = backend.loss_scale
@@ -390,9 +433,11 @@ class FaultTolerance:
         self._last_save = time.monotonic()
         self._streak = torch.zeros((), device=dev)  # consecutive non-finite steps
         self._skipped = torch.zeros((), device=dev)  # skipped steps since the last log
-        self._deferred = dev.type == "cuda"
+        # defer: read each step's status one step late (the default on CUDA); tests pass True on CPU
+        self._deferred = dev.type == "cuda" if defer is None else defer
         if self._deferred:
-            self._host = [torch.zeros(5, pin_memory=True) for _ in range(2)]
+            self._events = dev.type == "cuda"  # a copy to pinned memory, finished by an event
+            self._host = [torch.zeros(5, pin_memory=self._events) for _ in range(2)]
             self._pending: tuple | None = None
         self._tight = False  # the first step has completed: step-sized timeouts from now on
         self._slow_depth = 0
@@ -429,9 +474,10 @@ class FaultTolerance:
         minutes = getattr(self.cfg.checkpoint, "every_minutes", 0)
         return bool(self.env.is_main and minutes and time.monotonic() - self._last_save >= minutes * 60)
 
-    def all_reduce_count(self, count: torch.Tensor) -> torch.Tensor:
-        """The step's global target count; every rank's stop request (and rank 0's decision to save now)
-        travels in the same all-reduce."""
+    def all_reduce_count(self, count: torch.Tensor) -> "PendingCount":
+        """Start the all-reduce of the step's global target count without waiting for it (`.wait()` on the
+        result gives the count); every rank's stop request (and rank 0's decision to save now) travels in the
+        same all-reduce."""
         sig = self.signals
         # Host values become kernel arguments (fill_): no host sync.
         for i, on in enumerate((sig.received, sig.interrupted, self._save_due_here())):
@@ -440,14 +486,12 @@ class FaultTolerance:
         if planned("skip_collective", self.step, self.env.rank):
             _announce("skip_collective", self.step, self.env.rank)
             _stall()
-        dist.all_reduce_sum(packed)
-        self._agreed = packed[1:]
-        self._stop = packed[1] + packed[2]
-        return packed[0]
+        return PendingCount(self, packed, dist.all_reduce_sum_async(packed))
 
-    def step_ends(self, step: int, grad_norm: torch.Tensor) -> bool:
+    def step_ends(self, step: int, grad_norm: torch.Tensor, final: bool = False) -> bool:
         """Book-keeping after the optimizer step; True when every rank must save and stop now.
-        Raises Diverged after train.max_bad_steps consecutive non-finite steps."""
+        Raises Diverged after train.max_bad_steps consecutive non-finite steps. `final`: the run's last
+        step, whose status is read now (deferred, it would never be read)."""
         bad = (~torch.isfinite(torch.as_tensor(grad_norm, device=self._streak.device))).to(self._streak.dtype)
         self._streak.add_(1.0).mul_(bad)
         self._skipped.add_(bad)
@@ -455,21 +499,27 @@ class FaultTolerance:
         if not self._tight:
             self._tight = True
             if self._slow_depth == 0:
-                dist.set_timeout(self.cfg.dist.step_timeout_s)
-        if self._deferred:
-            buf = self._host[step % 2]
-            buf.copy_(status, non_blocking=True)
-            event = torch.cuda.Event()
+                dist.set_timeout(self._step_collective_timeout())
+        if not self._deferred:
+            return self._act(step, *status.tolist())
+        buf = self._host[step % 2]
+        buf.copy_(status, non_blocking=True)
+        event = torch.cuda.Event() if self._events else None
+        if event is not None:
             event.record()
-            ready, self._pending = self._pending, (step, buf, event)
-            if ready is None:
-                return False
-            at, buf, event = ready
-            event.synchronize()  # the previous step's copy: long done
-            stop, was_bad, streak, preempts, save = buf.tolist()
-        else:
-            at = step
-            stop, was_bad, streak, preempts, save = status.tolist()
+        ready, self._pending = self._pending, (step, buf, event)
+        stop = False
+        for item in ([ready] if ready is not None else []) + ([self._pending] if final else []):
+            at, buf, event = item
+            if event is not None:
+                event.synchronize()  # the previous step's copy: long done (the final one: this step's)
+            stop = self._act(at, *buf.tolist()) or stop
+        if final:
+            self._pending = None
+        return stop
+
+    def _act(self, at: int, stop: float, was_bad: float, streak: float, preempts: float, save: float) -> bool:
+        """React to step `at`'s status (read back); True when a stop was requested."""
         # Ctrl-C on some rank and no preemption signal on any: every rank ends with 130, not 75.
         self._interrupt_agreed = stop > 0 and preempts == 0
         self.save_due = save > 0
@@ -501,6 +551,12 @@ class FaultTolerance:
     def _step_limit(self) -> float:
         return self.cfg.dist.watchdog_s if self._tight else self.cfg.dist.timeout_s
 
+    def _step_collective_timeout(self) -> float:
+        return collective_timeout(self.cfg, self.cfg.dist.watchdog_s, step_phase=True)
+
+    def _slow_collective_timeout(self) -> float:
+        return collective_timeout(self.cfg, self.cfg.dist.timeout_s)
+
     @contextlib.contextmanager
     def slow_section(self):
         """Evaluation and checkpoint saves: ranks may wait long on each other (disk, a big gather), so
@@ -509,7 +565,7 @@ class FaultTolerance:
         watched = bool(self.watchdog and self.watchdog.armed)  # only inside the loop: never outside it
         if self._slow_depth == 1:
             if self._tight:
-                dist.set_timeout(self.cfg.dist.timeout_s)
+                dist.set_timeout(self._slow_collective_timeout())
             if watched:
                 self.watchdog.arm(self.step, self.cfg.dist.timeout_s)
         try:
@@ -518,7 +574,7 @@ class FaultTolerance:
             self._slow_depth -= 1
             if self._slow_depth == 0:
                 if self._tight:
-                    dist.set_timeout(self.cfg.dist.step_timeout_s)
+                    dist.set_timeout(self._step_collective_timeout())
                 if watched:
                     self.watchdog.arm(self.step, self._step_limit())
 
@@ -528,7 +584,7 @@ class FaultTolerance:
         if self.watchdog:
             self.watchdog.disarm()
         if self._tight:
-            dist.set_timeout(self.cfg.dist.timeout_s)
+            dist.set_timeout(self._slow_collective_timeout())
 
     def preempted(self, step: int, checkpoint: Path) -> Preempted | Interrupted:
         """The exception that ends a preempted run, after its checkpoint is saved (rank 0 leaves a

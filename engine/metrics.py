@@ -3,12 +3,20 @@
 Only rank 0 writes; the other ranks get a `Metrics` whose methods do nothing, so callers never test
 the rank themselves.
 
-MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s of the device, with
-    FLOPs per token = 6 * N + 12 * L * H * Q * T        (PaLM, appendix B)
+MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s of the device. For full training of an
+LM the FLOPs per token are PaLM's (appendix B)
+    FLOPs per token = 6 * N + 12 * L * H * Q * T
 N: parameters excluding position embeddings (the tied token embedding counts once: it is the LM-head
-matmul), L layers, H heads, Q head dim, T sequence length. The first term is the weight matmuls of
-forward+backward, the second attention's score and value matmuls. Peak: dense bf16 tensor-core FLOP/s
-(989e12 on H100/H200 SXM, 312e12 on A100); none on CPU, where MFU is not reported.
+matmul), L layers, H heads, Q head dim, T sequence length. The first term is the weight matmuls: 2 FLOPs per
+parameter and token forward, 2 for the gradient of the input, 2 for the gradient of the weight; the second
+attention's score and value matmuls (4 L H Q T forward, twice that backward). Peak: dense bf16 tensor-core
+FLOP/s (989e12 on H100/H200 SXM, 312e12 on A100); none on CPU, where MFU is not reported.
+
+`training_flops_per_token` counts what actually runs, parameter by parameter in forward order, so other runs
+are not over-reported: head=cls has no [vocab x width] head matmul (the embedding is only a lookup; GPT-2 124M
+at T=1024: 623 instead of 855 MFLOP/token); a frozen weight (model.freeze, LoRA's base) has no weight
+gradient (4 instead of 6 FLOPs per parameter and token); and nothing runs backward below the lowest trainable
+parameter (frozen bottom blocks: forward only). Adapters count like any trainable weight.
 """
 
 from __future__ import annotations
@@ -35,6 +43,41 @@ def flops_per_token(n_params_no_pos: int, n_layer: int, n_head: int, head_dim: i
 def model_flops_per_token(hf_config, n_params: int, seq_len: int) -> float:
     n_no_pos = n_params - hf_config.n_positions * hf_config.n_embd
     return flops_per_token(n_no_pos, hf_config.n_layer, hf_config.n_head, hf_config.n_embd // hf_config.n_head, seq_len)
+
+
+def training_flops_per_token(model, head: str, seq_len: int) -> float:
+    """Model FLOPs per trained token of `model` (a transformers GPT-2 with head `head`, possibly frozen in
+    parts or with LoRA adapters) as it trains: see the module docstring. Equals 6N + 12LHQT for full LM
+    training (N without position embeddings and vocabulary padding)."""
+    config = model.config
+    layers, width = int(config.n_layer), int(config.n_embd)
+    attention = 4.0 * width * seq_len  # per layer and token, forward: scores (Q K^T) and values (P V)
+    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731  (a ZeRO-3 partition: its full size)
+    total, trainable_below, embedding_trains = 0.0, False, False
+    attention_done: set[str] = set()
+    for name, p in model.named_parameters():  # forward order for GPT-2; a tied weight appears once (as wte)
+        if name.endswith("wpe.weight"):  # a lookup; trains or not, gradients flow to everything above it
+            trainable_below |= p.requires_grad
+            continue
+        if name.endswith("wte.weight"):  # a lookup too; with head=lm it is also the head's matmul (below)
+            embedding_trains = p.requires_grad
+            trainable_below |= p.requires_grad
+            continue
+        block = name.split(".attn.c_proj.")[0] if ".attn.c_proj." in name else None
+        if block is not None and block not in attention_done:  # scores and values, between c_attn and c_proj
+            attention_done.add(block)
+            total += attention * (3.0 if trainable_below else 1.0)
+        n = numel(p)
+        total += 2.0 * n  # forward
+        if p.requires_grad:
+            total += 2.0 * n  # weight gradient
+        if trainable_below:
+            total += 2.0 * n  # input gradient, needed by something trainable below
+        trainable_below |= p.requires_grad
+    if head == "lm":  # the tied head over the real vocabulary (padding rows are the engine's, not the model's)
+        n = int(config.get_text_config().vocab_size) * width
+        total += 2.0 * n + (2.0 * n if embedding_trains else 0.0) + (2.0 * n if trainable_below else 0.0)
+    return total
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -150,7 +150,8 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
         attn = extra.pop("attn_implementation")
         for k, v in extra.items():
             setattr(hf_cfg, k, v)
-        model = cls._from_config(hf_cfg, attn_implementation=attn)
+        with init_from_caller_rng():
+            model = cls._from_config(hf_cfg, attn_implementation=attn)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.max_positions:
         from engine import positions
@@ -160,6 +161,38 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+@contextlib.contextmanager
+def init_from_caller_rng():
+    """Random init that depends on the seed alone, not on where the model's tensors were allocated.
+
+    Building a model draws random numbers twice: its layers' own constructors (nn.Embedding, Conv1D,
+    nn.Linear), then transformers' init passes (post_init -> init_weights, once per sub-model), which
+    overwrite them. Constructor draws come from the generator of the device the tensors are allocated on:
+    the CPU for DDP and ZeRO 0-2, the GPU under deepspeed.zero.Init. Here every init pass starts where the
+    previous pass ended (the first: the CPU state the caller seeded), skipping whatever the constructors drew
+    in between, so every backend on every device gets the same weights (ZeRO-3 also runs the passes on fp32
+    CPU copies: backends/deepspeed.py). Rows that vocabulary padding adds later are not covered; they are
+    masked out of the softmax and never trained."""
+    from transformers import PreTrainedModel
+
+    state = [torch.random.get_rng_state()]
+    original = PreTrainedModel.init_weights
+
+    def init_weights(self, *args, **kwargs):
+        torch.random.set_rng_state(state[0])
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            state[0] = torch.random.get_rng_state()
+
+    PreTrainedModel.init_weights = init_weights
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original
+        torch.random.set_rng_state(state[0])
 
 
 def max_positions(model_or_config) -> int:
@@ -192,20 +225,21 @@ class TrainModule(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of per-target losses. LM: labels are next tokens, -100 where nothing is predicted.
 
         cls: labels are class ids; `loss_weights` (per sample) scales each sample's loss, and the
         trainer normalizes by the global sum of those weights.
 
         Packed rows (lm) carry `position_ids` and `document_ids`: each example restarts its positions
-        and attends only to itself (fastpath point 6).
+        and attends only to itself (fastpath point 6). `grad_scale` (fp16): the gradient the backward will
+        bring, for the chunked LM loss, which computes its gradients in the forward (losses.py).
         """
         smoothing = self.label_smoothing if self.training else 0.0  # a training regularizer, like dropout
         if self.head == "lm":
             hidden = self.body(input_ids, attention_mask, position_ids, document_ids)
             # the loss runs inside lm_head's forward (ZeRO-3: see fastpath)
-            return self.hf.lm_head(hidden, labels, smoothing)
+            return self.hf.lm_head(hidden, labels, smoothing, grad_scale)
         logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
         return losses.cls_loss_sum(logits, labels, loss_weights, self.focal_gamma, smoothing)
 

@@ -28,7 +28,7 @@ import torch
 from engine import (backends, checkpoint, data, dist, evaluation, fastpath, fault, losses, memory, metrics,
                     model as model_lib, optim, ownership, resume, transfer)
 from engine.config import Config, dump_resolved
-from engine.errors import UsageError
+from engine.errors import ExportMismatch, UsageError
 
 
 def seed_everything(seed: int) -> None:
@@ -53,7 +53,7 @@ class Trainer:
 
     def _build(self, env: dist.DistEnv | None, progress: bool) -> None:
         cfg = self.cfg
-        self.env = env or dist.init(cfg.train.device, cfg.dist.timeout_s)
+        self.env = env or dist.init(cfg.train.device, fault.startup_collective_timeout(cfg))
         self.run_dir = cfg.run_dir
         # Every log line of a run goes to stderr (the progress bar's stream too), rank 0 only: stdout stays free
         # for what a command returns (a sweep's table, `ftl eval --json`).
@@ -61,6 +61,9 @@ class Trainer:
         self._claim_run_dir()  # usable, and ours: another run on it stops here (exit 2), before reading it
         fastpath.configure(cfg, self.env.device)  # train.precision=auto -> bf16/fp32, TF32
         self.backend = backends.create(cfg, self.env)
+        warn = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
+        compiles = type(self.backend).compile is not backends.Backend.compile  # the backend implements it
+        cfg.model.compile = fastpath.resolve_compile(cfg, self.env.device, warn, compiles)  # auto -> on/off
 
         # 1. Decide whether to resume (before anything is written; the checkpoint verified) and validate data + model.
         self.resume_from = self._resume_target()
@@ -102,12 +105,15 @@ class Trainer:
         module = model_lib.TrainModule(hf, cfg.model.head, perf=cfg.perf, packed=cfg.data.pack,
                                        focal_gamma=cfg.loss.focal_gamma, label_smoothing=cfg.loss.label_smoothing)
         self.base_fingerprint = transfer.base_fingerprint(module) if cfg.model.lora_rank else None
+        # MFU counts what runs: the head's matmul, weight gradients only where weights train (metrics.py)
+        self.flops_per_token = metrics.training_flops_per_token(hf, cfg.model.head, cfg.data.seq_len)
         self.trainable = transfer.trainable_summary(module)  # before a backend shards the parameters
         self.backend.setup(module, transfer.param_groups(module, cfg))
         if cfg.model.lora_rank and self.base_fingerprint is None:  # FSDP builds on meta: its weights exist now
             self.base_fingerprint = transfer.base_fingerprint(module)  # (all ranks: sharded weights gather)
         if cfg.model.compile:
-            self.backend.compile()
+            fastpath.start_compile_report()
+            self.backend.compile()  # lazily: the first step compiles (and falls back to eager if that fails)
         seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1))
 
         # 3. Everything checked: create the run directory (rank 0) and lock it, and restore state. config.yaml
@@ -133,6 +139,7 @@ class Trainer:
                                           signals=self.signals)
         self.step, self.tokens_seen, self.sample_index = 0, 0.0, 0
         self.best = evaluation.BestTracker(cfg.eval)
+        self.export_failures: list[str] = []  # failed export checks (best/, final/): the run exits 1 at its end
         if self.resume_from is not None:
             # A rank with no RNG file of its own (the job grew) gets a stream of its rank and the step.
             reseed = lambda step: seed_everything(cfg.run.seed + 7919 * (self.env.rank + 1) + 104729 * step)
@@ -150,8 +157,8 @@ class Trainer:
                         if cfg.eval.stride and len(self.raw["validation"]) else None)
         self.metrics = metrics.Metrics(self.run_dir, self.env.is_main, cfg.train.max_steps, self.step, progress,
                                        cfg.run.report_to, cfg.to_dict())
-        fpt = metrics.model_flops_per_token(self.hf_config, self.n_params, cfg.data.seq_len)
-        self.throughput = metrics.Throughput(fpt, metrics.peak_flops(self.env.device), self.env.world_size)
+        self.throughput = metrics.Throughput(self.flops_per_token, metrics.peak_flops(self.env.device),
+                                             self.env.world_size)
 
     # ------------------------------------------------------------------------------------------ setup
     def _claim_run_dir(self) -> None:
@@ -347,9 +354,12 @@ class Trainer:
             window_tokens += tokens
             if not memory_logged:  # once, after the first step: what each rank really holds
                 memory.log_measured(self.backend, m, self.step, self.built_param_bytes)
+                if cfg.model.compile:
+                    m.print(fastpath.compile_report())
                 memory_logged = True
             # True when any rank got SIGTERM/SIGUSR1/SIGINT (agreed by all); counts non-finite (skipped) steps.
-            preempted = self.fault.step_ends(self.step, grad_norm)
+            # The last step's status is read at once (final), so a NaN or a signal there is not dropped.
+            preempted = self.fault.step_ends(self.step, grad_norm, final=self.step == stop)
             # checkpoint.every_minutes: rank 0's clock decided, in the same all-reduce, so all ranks save here.
             save_now = preempted or (self.fault.save_due and self.step < stop) or (
                 cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop)
@@ -389,15 +399,17 @@ class Trainer:
         """One optimizer step. Returns device tensors (summed loss, targets, tokens, grad norm) and the lr."""
         head, backend = self.cfg.model.head, self.backend
         counts = torch.stack([losses.target_count(mb, head) for mb in micro_batches])
-        global_count = self.fault.all_reduce_count(counts.sum())  # + the preemption flag, same all-reduce
-        # Each rank's share of the global mean; DDP/DeepSpeed then average over ranks, hence * world.
-        scale = self.env.world_size / global_count.clamp(min=1.0)
+        # + the preemption flag, same all-reduce; in flight during the first forward, waited for at its backward
+        pending = self.fault.all_reduce_count(counts.sum())
+        extra = backend.forward_extras(counts.sum())  # fp16: the gradient scale the chunked LM loss expects
         loss_sum = torch.zeros((), device=self.env.device)
         tokens = torch.zeros((), device=self.env.device)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with backend.accumulate(last), backend.autocast():
-                summed = backend.model(**mb)
+                summed = backend.model(**mb, **extra)
+            if i == 0:  # each rank's share of the global mean; DDP/DeepSpeed then average over ranks: * world
+                scale = self.env.world_size / pending.wait().clamp(min=1.0)
             # NaN instead of a non-finite loss: the gradient all-reduce then skips this step on every rank.
             backend.backward(fault.nan_if_nonfinite(summed) * scale, last)
             loss_sum += summed.detach().float()
@@ -419,9 +431,10 @@ class Trainer:
         self.last_eval = report.scalars
         return report.scalars
 
-    def track_best(self, scalars: dict, final: Path | None = None) -> bool:
-        """eval.metric: export best/ on a new best (a copy of `final` when given); True when patience has
-        run out. Every rank decides alike: the scalars are already reduced over ranks."""
+    def track_best(self, scalars: dict, final: Path | None = None, final_failed: bool = False) -> bool:
+        """eval.metric: export best/ on a new best (a copy of `final` when given; left as it was when final/
+        failed its check and was removed); True when patience has run out. Every rank decides alike: the
+        scalars are already reduced over ranks."""
         best = self.best
         if not best.update(self.step, scalars):
             stop = best.should_stop and not final
@@ -431,14 +444,30 @@ class Trainer:
                                    f"{best.bad_evals} evaluations (best {best.best:.4g} at step {best.best_step})")
             return stop
         if self.cfg.eval.save_best:
+            if final_failed:  # final/ failed its check and was removed: nothing to copy
+                self.metrics.print(f"new best {best.key} {best.best:.4g} at step {self.step}: best/ not updated "
+                                   f"(final/ failed its export check)")
+                return False
             if final is not None:
                 if self.env.is_main:
                     evaluation.copy_model_dir(final, self.run_dir / "best")
                 dist.barrier()
             else:
-                self.export(self.run_dir / "best")
+                self.export_checked(self.run_dir / "best")
             self.metrics.print(f"new best {best.key} {best.best:.4g} at step {self.step}: {self.run_dir / 'best'}")
         return False
+
+    def export_checked(self, out: Path) -> bool:
+        """`export`, but a failed check does not end the run: it is reported now and again at the end, where it
+        makes the run exit 1 after everything else (checkpoint, final/, evaluation) is done. True if it passed."""
+        try:
+            self.export(out)
+            return True
+        except ExportMismatch as e:
+            self.export_failures.append(f"{out.name}/ at step {self.step}: {e}")
+            self.metrics.print(f"error: export check FAILED for {out}/ (removed, so it cannot pass for a good model; "
+                               f"checkpoints are kept; training goes on and the run will exit 1): {e}")
+            return False
 
     def _check_base(self, saved: str | None) -> None:
         if saved and self.base_fingerprint and saved != self.base_fingerprint:
@@ -469,8 +498,9 @@ class Trainer:
             dump_resolved(self.cfg, self.run_dir / "config.yaml", self._epochs_note())
             checkpoint.write_dir_atomically(self.run_dir / "tokenizer", self.data.tokenizer.save_pretrained)
 
-    def export(self, out: Path) -> None:
-        """final/ as plain transformers files, then reloaded and checked against the engine's logits."""
+    def export(self, out: Path) -> float:
+        """final/ (or best/) as plain transformers files, then reloaded and checked against the engine's logits.
+        Returns the largest logit difference; raises ExportMismatch (the directory removed) when the check fails."""
         with self.fault.slow_section():  # rank 0 writes while the others wait: start-up-sized limits
             state = self.backend.full_state_dict()
             if self.env.is_main:
@@ -491,29 +521,48 @@ class Trainer:
                     shutil.rmtree(out, ignore_errors=True)
                 raise
         self.metrics.print(f"export check: {out.name}/ reloaded by plain transformers gives the engine's logits "
-                           f"(max |diff| {diff:.2g})")
+                           f"(max |diff| {diff:.2g}) within tolerance {self.check_tolerance:.2g}")
+        return diff
 
-    def verify_export(self, out: Path, atol: float = 1e-4) -> float:
-        """Max |logit difference| between the engine's model and `out` reloaded by plain transformers."""
+    def verify_export(self, out: Path, atol: float | None = None) -> float:
+        """Max |logit difference| between the engine's model and `out` reloaded by plain transformers (the
+        tolerance it was held to: `self.check_tolerance`); raises ExportMismatch, saying what differed, when
+        the difference exceeds the tolerance.
+
+        Like with like: both run on the engine's device, in the dtype the engine computes in (16-bit under
+        DeepSpeed bf16/fp16, whose parameters are the fp32 export rounded the same way), with the engine's
+        GELU kernel and attention implementation, and with TF32 off. What is left is the order of
+        floating-point sums (the engine's padded vocabulary gives its head another matmul shape), so the
+        tolerance follows the compute dtype (`export_tolerance`) unless `atol` is given. Every rank computes
+        the engine's logits (ZeRO-3 gathers); rank 0 compares and is the only one that can raise."""
         probe = {k: v.to(self.env.device) for k, v in data.probe_batch(self.data).items()}
+        mask = probe.get("attention_mask")
         module = self.backend.module
         was = module.training
         module.eval()
-        with torch.no_grad():
-            ours = module.logits(probe["input_ids"], probe.get("attention_mask")).float().cpu()
+        with torch.no_grad(), fastpath.exact_fp32():
+            ours = module.logits(probe["input_ids"], mask)
         module.train(was)
-        diff = 0.0
-        if self.env.is_main:
-            # in the dtype the engine computes in (16-bit under DeepSpeed bf16/fp16; the export itself is fp32)
-            reloaded = load_exported(out, self.cfg.model.head).to(self.backend.param_dtype)
-            with torch.no_grad():
-                theirs = reloaded(input_ids=probe["input_ids"].cpu(),
-                                  attention_mask=probe["attention_mask"].cpu() if "attention_mask" in probe else None
-                                  ).logits.float()
-            diff = float((ours - theirs).abs().max())
-            if not diff <= atol * max(1.0, float(theirs.abs().max())):
-                raise RuntimeError(f"exported model {out} does not reproduce the engine's logits "
-                                   f"(max abs difference {diff:.3g})")
+        dtype = ours.dtype
+        self.check_tolerance = 0.0
+        if not self.env.is_main:
+            return 0.0
+        where = f"{self.env.device.type}, {str(dtype).removeprefix('torch.')}"
+        try:
+            reloaded = load_exported(out, self.cfg.model.head, attn_implementation=self.cfg.model.attn_implementation)
+            if self.cfg.perf.fused_gelu:
+                fastpath.fuse_gelu(reloaded)  # the engine's kernel for the same function (the config keeps gelu_new)
+            reloaded.to(device=self.env.device, dtype=dtype)
+            with torch.no_grad(), fastpath.exact_fp32():
+                theirs = reloaded(input_ids=probe["input_ids"], attention_mask=mask).logits
+            del reloaded
+        except Exception as e:  # noqa: BLE001  (the reload failing is this check failing, not a crash)
+            raise ExportMismatch(f"the export check of {out} could not run: reloading it with plain transformers "
+                                 f"on {where} failed with {type(e).__name__}: {e}") from e
+        if fault.planned("bad_export", self.step, self.env.rank) is not None:
+            theirs = theirs.clone()
+            theirs.view(-1)[theirs.numel() // 2] += 1.0
+        diff, self.check_tolerance = compare_logits(ours, theirs, mask, out, where, atol)
         return diff
 
     def finish(self, last_row: dict) -> dict:
@@ -522,25 +571,32 @@ class Trainer:
         self.fault.loop_done()
         ckpt = self.save_checkpoint()
         final = self.run_dir / "final"
-        self.export(final)
+        final_ok = self.export_checked(final)
         if self.best.stopped:  # the evaluation that stopped the run was of these very weights
             after = self.last_eval
         else:
             after = self.evaluate()
             m.log(self.step, after)
             m.print(f"eval after training: {_fmt(after)}")
-            self.track_best(after, final=final)
+            self.track_best(after, final=final, final_failed=not final_ok)
         summary = {"step": self.step, **last_row, **after, "final": str(final), "checkpoint": str(ckpt)}
         if self.env.is_main:
             # prompt_completion/chat runs show greedy completions of held-out prompts at every evaluation instead
-            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens and not self.data.sft:
+            if self.cfg.model.head == "lm" and self.cfg.train.sample_tokens and not self.data.sft and final_ok:
                 text = sample(final, self.cfg.train.sample_prompt, self.cfg.train.sample_tokens, self.cfg.run.seed)
                 m.text("sample", text, self.step)
                 m.print("sample: " + json.dumps(text))
                 summary["sample"] = text
             m.print(f"run directory: {self.run_dir.resolve()}")
         m.close()
+        self._raise_export_failures(ckpt)
         return summary
+
+    def _raise_export_failures(self, ckpt: Path) -> None:
+        """A run whose export check failed ends with exit 1, after its work is saved: never discarded."""
+        if self.export_failures:
+            raise ExportMismatch("; ".join(self.export_failures) + f". The checkpoint {ckpt} is complete and kept: "
+                                 f"`ftl export {ckpt} --out DIR` exports it again and checks it on the CPU in fp32")
 
     def stop_early(self, last_row: dict) -> dict:
         """train.stop_at_step: checkpoint and evaluate, so the run can be compared now and continued later."""
@@ -555,6 +611,7 @@ class Trainer:
         m.print(f"stopped at step {self.step} of {self.cfg.train.max_steps} (train.stop_at_step); "
                 f"run again with a later train.stop_at_step (or 0) to continue")
         m.close()
+        self._raise_export_failures(ckpt)
         return {"step": self.step, **last_row, **ev, "checkpoint": str(ckpt), "stopped": True}
 
     def _data_lines(self) -> list[str]:
@@ -606,11 +663,52 @@ def _fmt(row: dict) -> str:
     return " | ".join(parts)
 
 
-def load_exported(path: Path, head: str):
+def load_exported(path: Path, head: str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    return auto.from_pretrained(path).eval()
+    return auto.from_pretrained(path, **kwargs).eval()
+
+
+def export_tolerance(dtype: torch.dtype) -> float:
+    """Allowed |logit difference| relative to max(1, largest |logit|) when both sides compute alike.
+
+    fp32: 1e-4, room for the summation order of the matmuls through every layer (fp32 agrees to ~1e-6 here).
+    16-bit: every result is rounded to the dtype, and a different summation order inside a matmul (the padded
+    head's shape) moves a logit by one unit in the last place, so 4 units at the largest logit: 3% in bf16,
+    0.4% in fp16. A wrong weight, head or config moves logits by whole units, far above either."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return 4 * torch.finfo(dtype).eps
+    return 1e-4
+
+
+def compare_logits(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor | None, out: Path, where: str,
+                   atol: float | None = None) -> tuple[float, float]:
+    """(max |difference|, tolerance) over the positions that count (mask: real tokens of LM logits); raises
+    ExportMismatch naming the worst position, both values and the tolerance's origin. The tolerance follows
+    the dtype `ours` was computed in (`export_tolerance`)."""
+    dtype = ours.dtype
+    ours, theirs = ours.detach().float().cpu(), theirs.detach().float().cpu()
+    if ours.shape != theirs.shape:
+        raise ExportMismatch(f"the export {out} does not reproduce the engine's logits: shape {tuple(theirs.shape)} "
+                             f"reloaded vs {tuple(ours.shape)} in the engine")
+    diff = (ours - theirs).abs()
+    if mask is not None and diff.dim() == 3:  # padding positions are never used (whatever they hold)
+        diff = torch.where(mask.cpu()[..., None].bool(), diff, torch.zeros_like(diff))
+    scale = max(1.0, float(theirs.abs().max()))
+    tol = atol if atol is not None else export_tolerance(dtype) * scale
+    worst = float(diff.max()) if diff.numel() else 0.0
+    if worst <= tol:  # False for NaN too
+        return worst, tol
+    flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    what = "sample {}, position {}, token {}".format(*index) if diff.dim() == 3 else "sample {}, class {}".format(*index)
+    raise ExportMismatch(
+        f"the export {out}, reloaded by plain transformers, does not reproduce the engine's logits: max |difference| "
+        f"{worst:.4g} at {what} (engine {float(ours[index]):.6g}, reloaded {float(theirs[index]):.6g}), tolerance "
+        f"{tol:.3g} ({'given' if atol is not None else f'{where}, relative to the largest logit {scale:.3g}'}); "
+        f"{int((diff > tol).sum())} of {diff.numel()} logits differ by more")
+
 
 
 def sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int, temperature: float = 0.8,

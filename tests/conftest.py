@@ -25,6 +25,17 @@ OFFLINE = {
 }
 os.environ.update(OFFLINE)
 
+# The suite outside tests/gpu states exact CPU numbers (fp32, gloo): on a GPU machine it must not drift onto
+# CUDA and bf16. Configs pin train.device=cpu (tiny_overrides) and subprocesses see no GPU unless a test asks
+# for one with GPU_ENV; tests/gpu ask explicitly.
+VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+GPU_ENV = {"CUDA_VISIBLE_DEVICES": VISIBLE_GPUS, "DS_ACCELERATOR": "cuda"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_heavy: a GPU test whose measurement benchmarks/gpu_check.sh makes in "
+                                       "its own sections (or that builds DeepSpeed ops): deselected there")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _datasets_cache(tmp_path_factory):
@@ -67,12 +78,22 @@ def tiny_overrides(run_dir: Path, **extra) -> list[str]:
         "train.eval_batches": 2,
         "train.sample_tokens": 8,
         "optim.warmup_steps": 2,
+        "train.device": "cpu",  # tests/gpu override it with cuda
     }
     base.update(extra)
     out = []
     for k, v in base.items():
         out += ["--set", f"{k}={v}"]
     return out
+
+
+def gpu_overrides(run_dir: Path, **extra) -> list[str]:
+    """tiny_overrides on the GPU (tests/gpu): pass GPU_ENV to the subprocess as well."""
+    return tiny_overrides(run_dir, **{"train.device": "cuda", **extra})
+
+
+def gpu_config(run_dir: Path, **extra):
+    return tiny_config(run_dir, **{"train.device": "cuda", **extra})
 
 
 def tiny_config(run_dir: Path, **extra):
@@ -88,7 +109,10 @@ def env_for_subprocess(**extra) -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU unless asked for (GPU_ENV)
     env.update(extra)
+    if env.get("CUDA_VISIBLE_DEVICES") is None:  # GPU_ENV on a machine that never restricted its GPUs
+        env.pop("CUDA_VISIBLE_DEVICES")
     return env
 
 

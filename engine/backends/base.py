@@ -93,6 +93,12 @@ class Backend(ABC):
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate gradients of `loss` (already scaled to the global mean)."""
 
+    def forward_extras(self, local_count: torch.Tensor) -> dict:
+        """Extra keyword arguments of this step's training forwards. fp16: `grad_scale`, the gradient the
+        backward will bring to the summed loss (loss scale / this rank's target count, which approximates
+        loss scale x world / global count), for the chunked LM loss that computes gradients in its forward."""
+        return {}
+
     @abstractmethod
     def step(self, lr: float, clip: float) -> torch.Tensor:
         """Set the lr (`set_lr`: each param group's `lr_scale` applies), clip to `clip` (0: off), update,

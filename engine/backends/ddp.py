@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from pathlib import Path
 
 import torch
@@ -38,10 +39,23 @@ class DDPBackend(Backend):
         self._first_step_grads: int | None = None
 
     def compile(self) -> None:
-        # The DDP wrapper itself is compiled: dynamo's DDPOptimizer splits the graph at bucket boundaries
-        # so gradient all-reduces still overlap the backward.
+        # The module inside the DDP wrapper is compiled, not the wrapper: DDP's own forward (its logging, its
+        # bucket bookkeeping) would be a graph break each step, and dynamo's DDPOptimizer still splits the
+        # module's graph at DDP's bucket boundaries (it sees the active DDP module), so gradient all-reduces
+        # still overlap the backward. Evaluation keeps calling the eager module (backend.module).
         backend, kwargs = fastpath.compile_options(self.cfg.perf)
-        self._wrapped = torch.compile(self._wrapped, backend=backend, **kwargs)
+        compiled = torch.compile(self._module, backend=backend, **kwargs)
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
+        if self.env.distributed:
+            ddp = self._wrapped
+            ddp.module = compiled  # same parameters: the reducer built in setup() stays valid
+
+            def undo():
+                ddp.module = self._module
+
+            self._wrapped = fastpath.CompiledOrEager(ddp, ddp, undo, log)
+        else:
+            self._wrapped = fastpath.CompiledOrEager(compiled, self._module, log=log)
 
     @property
     def model(self) -> nn.Module:
@@ -58,6 +72,13 @@ class DDPBackend(Backend):
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def forward_extras(self, local_count: torch.Tensor) -> dict:
+        if self.scaler is None or self.cfg.model.head != "lm":
+            return {}
+        # the scaler's current scale as a device tensor (get_scale() would read it back: a host sync)
+        scale = self.scaler._scale if self.scaler._scale is not None else self.scaler._init_scale
+        return {"grad_scale": scale / local_count.clamp(min=1.0)}
 
     def step(self, lr: float, clip: float) -> torch.Tensor:
         set_lr(self.optimizer, lr)

@@ -112,6 +112,7 @@ class DeepSpeedBackend(Backend):
         self._ds: dict | None = None
         self._hf_ds = None
         self.engine = None
+        self._call = None  # the engine behind a compile guard once compiled
         self._first_step_grads: int | None = None
         self._own_group = not torch.distributed.is_initialized()
         if self._own_group:
@@ -121,9 +122,10 @@ class DeepSpeedBackend(Backend):
 
     # --- configuration --------------------------------------------------------------------------------
     def ds_config(self) -> dict:
-        """The final JSON DeepSpeed gets (the width-derived "auto" sizes need the model's config)."""
+        """The final JSON DeepSpeed gets (the model-derived "auto" sizes need the model's config)."""
         if self._ds is None:
-            resolved, problems = ds_config.resolve(self.cfg, self.env.world_size, self._hidden_size())
+            hidden, params = self._model_size()
+            resolved, problems = ds_config.resolve(self.cfg, self.env.world_size, hidden, params)
             if problems:  # cannot happen after __init__ passed; kept so a bug cannot go unnoticed
                 raise UsageError(problems)
             if self._offload and not self._use_deepspeed_cpu_adam() and not self.resolved.has_optimizer_section:
@@ -132,9 +134,12 @@ class DeepSpeedBackend(Backend):
             if self.env.is_main:
                 print(f"deepspeed config ({resolved.source}): {json.dumps(self._ds, sort_keys=True)}", file=sys.stderr,
                       flush=True)
+                for note in resolved.notes:
+                    print(f"warning: {note}", file=sys.stderr, flush=True)
         return self._ds
 
-    def _hidden_size(self) -> int | None:
+    def _model_size(self) -> tuple[int | None, int | None]:
+        """(width, parameter count) of the model to be built, from its config alone (no weights yet)."""
         conf = self.source.config
         if conf is None:  # a hub id: its config.json only (the weights come later, with the model)
             from transformers import AutoConfig
@@ -142,8 +147,11 @@ class DeepSpeedBackend(Backend):
             try:
                 conf = AutoConfig.from_pretrained(self.source.name)
             except OSError:
-                return None  # unreachable: the model build reports it; sizes fall back to DeepSpeed's defaults
-        return int(conf.n_embd)
+                return None, None  # unreachable: the model build reports it; sizes fall back to DeepSpeed's defaults
+        h, layers = int(conf.n_embd), int(conf.n_layer)
+        vocab = fastpath.padded_size(int(conf.vocab_size), self.cfg.perf.pad_vocab_to)
+        positions = max(int(conf.n_positions), self.cfg.model.max_positions)
+        return h, layers * (12 * h * h + 13 * h) + (vocab + positions) * h + 2 * h
 
     @property
     def _offload(self) -> bool:
@@ -194,10 +202,30 @@ class DeepSpeedBackend(Backend):
             model=module, optimizer=client, model_parameters=param_groups if client is None else None,
             config=ds, dist_init_required=False)
         self._module = module
+        if self.stage == 3:
+            skip_backward_gather(module)
         self._clip = float(ds.get("gradient_clipping", 0.0))
-        # ZeRO and DeepSpeed's 16-bit optimizers compute the global norm; with stage 0 in fp32 the torch
-        # optimizer steps directly and nobody does, so it is computed here.
-        self._norm_here = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        # ZeRO and DeepSpeed's 16-bit optimizers (BF16_Optimizer, FP16_Optimizer: DeepSpeedOptimizer subclasses)
+        # compute the global norm over the gradients they accumulated; with stage 0 in fp32 the torch optimizer
+        # steps directly and nobody does, so it is computed here. (Asking whether the optimizer has a
+        # `_global_grad_norm` yet is not the same question: BF16_Optimizer sets it at its first step.)
+        from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+        self._norm_here = not isinstance(self.engine.optimizer, DeepSpeedOptimizer)
+        if self.env.is_main:
+            print(self.describe(), file=sys.stderr, flush=True)
+
+    def describe(self) -> str:
+        """What DeepSpeed really built: its optimizer wrapper, the optimizer under it, and the dtypes gradients
+        are accumulated and reduced in (printed at start: the resolved JSON says what was asked for)."""
+        opt = self.engine.optimizer
+        base = getattr(self.engine, "basic_optimizer", None) or getattr(opt, "optimizer", None)
+        accum = (getattr(opt, "gradient_accumulation_dtype", None) or getattr(opt, "grad_acc_dtype", None)
+                 or self.param_dtype)
+        reduce = self.engine.communication_data_type
+        name = lambda dt: str(dt).removeprefix("torch.")  # noqa: E731
+        return (f"deepspeed: ZeRO stage {self.stage}, {type(opt).__name__} over {type(base).__name__}, parameters "
+                f"{name(self.param_dtype)}, gradients accumulated in {name(accum)} and reduced in {name(reduce)}")
 
     def _client_optimizer(self, param_groups: list[dict]) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -216,13 +244,21 @@ class DeepSpeedBackend(Backend):
 
     def compile(self) -> None:
         # Same backend/mode as DDP (perf.compile_backend/compile_mode), so runs compare across backends.
+        # DeepSpeed compiles engine.module in place (nn.Module.compile); undoing that restores eager.
         backend, kwargs = fastpath.compile_options(self.cfg.perf)
         self.engine.compile(backend=backend, compile_kwargs=kwargs)
+
+        def undo():
+            self.engine.module._compiled_call_impl = None
+            self.engine._is_compiled = False
+
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda line: None)
+        self._call = fastpath.CompiledOrEager(self.engine, self.engine, undo, log)
 
     # --- the step -----------------------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
-        return self.engine
+        return self._call or self.engine
 
     @property
     def module(self) -> nn.Module:
@@ -239,6 +275,12 @@ class DeepSpeedBackend(Backend):
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
+
+    def forward_extras(self, local_count: torch.Tensor) -> dict:
+        if self.cfg.train.precision != "fp16" or self.cfg.model.head != "lm":
+            return {}
+        scale = getattr(self.engine.optimizer, "cur_scale", None) or getattr(self.engine.optimizer, "loss_scale", 1.0)
+        return {"grad_scale": float(scale) / local_count.clamp(min=1.0)}
 
     def step(self, lr: float, clip: float) -> torch.Tensor:
         set_lr(self.engine.optimizer, lr)  # ZeRO keeps each group's keys, lr_scale included
@@ -397,9 +439,13 @@ class DeepSpeedBackend(Backend):
         # A separate fp32 master copy: ZeRO 1-3 always keep one (even of fp32 parameters: measured, DeepSpeed
         # 0.19); stage 0 only for 16-bit parameters (in fp32 the torch optimizer updates them in place).
         master = 4 * n if (stage >= 1 or b == 2) else 0
+        # fp32 gradient accumulation (bf16, stages 1-3): an fp32 buffer beside the 16-bit gradients, whole at
+        # stage 1 (BF16_Optimizer), partitioned at 2-3
+        accum32 = 4 * (shard(n) if stage >= 2 else n) if (
+            b == 2 and self.ds_config().get("data_types", {}).get("grad_accum_dtype") == "fp32") else 0
         report = {
             "params": b * (shard(n) if stage == 3 else n),
-            "grads": b * (shard(n) if stage >= 2 else n),
+            "grads": b * (shard(n) if stage >= 2 else n) + accum32,
             "optimizer": shard(8 * n + master) if stage >= 1 else 8 * n + master,
             "zero_stage": stage, "world_size": world,
             "offloaded": (["optimizer"] + (["params"] if self.resolved.offload_params else [])) if self._offload else [],
@@ -439,7 +485,8 @@ class DeepSpeedBackend(Backend):
         tensors = [p.grad for p in self._module.parameters() if p.grad is not None]
         tensors += [t.grad for t in self._masters() if t.grad is not None]
         tensors += _tensors_in(self.engine.optimizer, ("averaged_gradients", "accumulated_grads_in_cpu",
-                                                       "grads_in_partition", "grad_partitions_flat_buffer"))
+                                                       "grads_in_partition", "grad_partitions_flat_buffer",
+                                                       "fp32_groups_gradients_flat"))  # the last: BF16_Optimizer
         return tensor_bytes(tensors)
 
     def close(self) -> None:
@@ -453,6 +500,28 @@ class DeepSpeedBackend(Backend):
         if self._own_group:  # the single-process group this backend made; a launcher's group is the CLI's
             dist.shutdown()
             self._own_group = False
+
+
+class _NoGatherBeforeBackward:
+    """Stands in for the autograd function ZeRO-3 wraps around a module's outputs to gather the module's
+    parameters before its backward: applied to a tensor, it returns the tensor unchanged."""
+
+    @staticmethod
+    def apply(tensor):
+        return tensor
+
+
+def skip_backward_gather(module: nn.Module) -> bool:
+    """ZeRO-3 gathers every module's parameters again before the module's backward. The chunked LM head
+    computes its gradients during its forward (fastpath.LMHead) and its backward only scales them, so the
+    re-gather of the tied [vocab x width] embedding (77 MB in bf16 for GPT-2 124M, every micro-batch) would be
+    wasted; DeepSpeed looks the function up on the module at every forward, so replacing it turns the
+    re-gather off. The release after the backward then finds the weight already partitioned. True when done."""
+    head = getattr(getattr(module, "hf", None), "lm_head", None)
+    if isinstance(head, fastpath.LMHead) and head.chunked and "pre_bwd_fn" in head.__dict__:
+        head.pre_bwd_fn = _NoGatherBeforeBackward
+        return True
+    return False
 
 
 @contextlib.contextmanager
@@ -520,15 +589,37 @@ def _gathered_init(deepspeed):
         # transformers' _init_weights may also touch direct children's parameters.
         params = list(module.parameters(recurse=False))
         params += [p for child in module.children() for p in child.parameters(recurse=False)]
-        params = [p for p in params if hasattr(p, "ds_id")]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
-            return original(self, module, *args, **kwargs)
+        gathered = [p for p in params if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0, enabled=bool(gathered)):
+            with init_on_cpu_fp32(params):
+                return original(self, module, *args, **kwargs)
 
     modeling_utils.PreTrainedModel._initialize_weights = initialize
     try:
         yield
     finally:
         modeling_utils.PreTrainedModel._initialize_weights = original
+
+
+@contextlib.contextmanager
+def init_on_cpu_fp32(params: list[torch.Tensor]):
+    """Run a weight initialization on fp32 CPU copies of `params`, then copy the values back.
+
+    zero.Init allocates on the accelerator and in the training dtype (bf16 under DeepSpeed bf16). Drawn there,
+    `normal_` would consume the CUDA generator, and a bf16 draw produces other numbers than an fp32 one, so a
+    ZeRO-3 model would start from other weights than the same seed gives DDP or ZeRO 0-2 (which build on the
+    CPU in fp32 and cast afterwards). Drawn here, every backend on every device starts from the same fp32
+    weights, rounded to the parameter dtype (what ZeRO 0-2 do when they cast the built model)."""
+    moved = [(p, p.data) for p in params if p.data.numel() and (p.device.type != "cpu" or p.dtype != torch.float32)]
+    for p, data in moved:
+        p.data = data.detach().to("cpu", torch.float32)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, data in moved:
+                data.copy_(p.data)
+                p.data = data
 
 
 # --------------------------------------------------------------------------------------- safe loading
@@ -601,8 +692,7 @@ def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
     if stage == 0:
         full = {k: v.float() for k, v in first["module"].items()}
     else:
-        optim = [safe_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
-                 for r in range(world)]
+        optim = [safe_load(_optim_file(tag_dir, r))["optimizer_state_dict"] for r in range(world)]
         shapes = first["param_shapes"]
         if stage == 3:
             full = _merge_stage3([o["fp32_flat_groups"] for o in optim], shapes, world)
@@ -620,6 +710,13 @@ def full_state_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
             full.setdefault(alias, full[target])
     prefix = "hf."
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _optim_file(tag_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s optimizer partition: ZeRO's file, or BF16_Optimizer's (stage 1 with bf16 and fp32 gradient
+    accumulation), which has a `bf16_` prefix and the same flat fp32 partitions (padding only at each group's end)."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return tag_dir / name if (tag_dir / name).is_file() else tag_dir / f"bf16_{name}"
 
 
 def _merge_stage12(flat_groups: list[list[torch.Tensor]], shapes: list[dict], alignment_paddings) -> dict:

@@ -19,9 +19,35 @@ value the engine would use. Anything else is a contradiction reported with both 
 `dist.offload`; a value in the JSON is used as it is while those keys are left at their defaults (0 / none),
 so `dist.ds_config=my_zero3.json` alone runs stage 3; both set and different is a contradiction.
 
-Three sizes follow the model's width (hidden = n_embd) when "auto", as in the Hugging Face integration:
-reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2,
-stage3_param_persistence_threshold = 10 hidden. Any other "auto" is dropped, leaving DeepSpeed's default.
+Bucket sizes, when "auto", follow the model (P = its parameter count, hidden = n_embd), sized for throughput:
+    reduce_bucket_size           min(5e7, P)      elements per gradient reduction (stages 1-3)
+    stage3_prefetch_bucket_size  min(5e7, P), at least 2 x 4 hidden^2 (two MLP weights ahead)
+    stage3_param_persistence_threshold  10 hidden (biases and LayerNorms stay whole, as in the HF integration)
+The Hugging Face integration's reduce_bucket_size = hidden^2 (590k elements for GPT-2 124M) cuts one backward
+into ~210 reductions, each paying NCCL's launch latency, and its 0.9 hidden^2 prefetch bucket is smaller than
+one c_fc weight (4 hidden^2), so ZeRO-3 could never fetch ahead. 5e7 elements (DeepSpeed's own default
+prefetch size; a tenth of its 5e8 reduce default) gives 3 reductions per backward for 124M and 32 for 1.5B,
+large enough to run at bus bandwidth, small enough that the two overlap_comm buffers cost 0.4 GB in fp32. Capping
+at P keeps tiny models from allocating buffers larger than themselves. Any other "auto" is dropped, leaving
+DeepSpeed's default.
+
+Precision of the gradients (bf16). DeepSpeed's default accumulates and reduces the gradients of bf16
+parameters in bf16, so DDP (fp32 gradients under autocast) and ZeRO diverge, and so do different
+world x accumulation splits of one global batch (invariant 1). The engine asks for
+`data_types.grad_accum_dtype = "fp32"` and `communication_data_type = "fp32"` unless the JSON sets them:
+
+    stage 0   DeepSpeed 0.19 refuses fp32 accumulation without ZeRO; gradients accumulate in bf16 (a warning
+              says so), the all-reduce runs in fp32. For fp32 accumulation use stage 1 (the same memory on one
+              GPU) or dist.backend=ddp.
+    stage 1   BF16_Optimizer: fp32 gradient buffer for the whole model (4 bytes/parameter), fp32 all-reduce
+              (with CPU offload: the ZeRO optimizer's fp32 grad_accum tensors)
+    stage 2   fp32 gradient partitions (4/world bytes/parameter), fp32 reduce-scatter per bucket
+    stage 3   fp32 gradient partitions, fp32 reduce-scatter
+    fp16      left to DeepSpeed (fp16 accumulation and reduction, dynamic loss scaling)
+
+Each micro-batch's gradient is still computed in bf16 (the parameters are bf16); only its sum over
+micro-batches and ranks is fp32, so the splits agree to bf16 rounding of one micro-batch's gradient instead of
+drifting with the number of accumulation steps.
 
 The engine sets the learning rate every step (optim.schedule); a "scheduler" section is accepted only with
 all its params "auto" and is then dropped. `ds_configs/*.json` are exactly `builtin(stage, offload)`.
@@ -62,6 +88,8 @@ def builtin(stage: int, offload: str = "none") -> dict:
         "train_micro_batch_size_per_gpu": AUTO,
         "gradient_accumulation_steps": AUTO,
         "gradient_clipping": AUTO,
+        "communication_data_type": AUTO,
+        "data_types": {"grad_accum_dtype": AUTO},
         "bf16": {"enabled": AUTO},
         "fp16": {"enabled": AUTO, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": AUTO,
                  "hysteresis": 2, "min_loss_scale": 1},
@@ -74,10 +102,11 @@ def shipped_name(stage: int, offload: str) -> str:
 
 
 class Resolved:
-    """The JSON DeepSpeed gets, and the stage/offload it amounts to."""
+    """The JSON DeepSpeed gets, the stage/offload it amounts to, and warnings about what it cannot do."""
 
-    def __init__(self, ds: dict, stage: int, offload: str, source: str):
+    def __init__(self, ds: dict, stage: int, offload: str, source: str, notes: list[str] | None = None):
         self.ds, self.stage, self.offload, self.source = ds, stage, offload, source
+        self.notes = notes or []
 
     @property
     def offload_params(self) -> bool:
@@ -131,12 +160,13 @@ def read_json(path: str) -> tuple[dict | None, list[str]]:
     return data, []
 
 
-def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved | None, list[str]]:
+def resolve(cfg, world: int | None, hidden: int | None = None,
+            params: int | None = None) -> tuple[Resolved | None, list[str]]:
     """Fill `cfg.dist.ds_config` (or the built-in config of dist.zero_stage/offload) from `cfg`.
 
     `world=None` (config validation) checks everything that does not depend on the world size and leaves
-    "auto" values in place; with the world size the result is final, and without `hidden` (the model's
-    width) the width-derived sizes fall back to DeepSpeed's defaults."""
+    "auto" values in place; with the world size the result is final, and without `hidden` / `params` (the
+    model's width and parameter count) the model-derived sizes fall back to DeepSpeed's defaults."""
     d = cfg.dist
     if d.ds_config:
         user, problems = read_json(d.ds_config)
@@ -179,10 +209,34 @@ def resolve(cfg, world: int | None, hidden: int | None = None) -> tuple[Resolved
     offload = _offload(ds, d, stage, label, problems)
     _optimizer(ds, cfg.optim, label, problems, own)
     _scheduler(ds, label, problems)
-    _sizes(ds, hidden, final=world is not None)
+    notes = _gradient_precision(ds, precision, stage)
+    _sizes(ds, hidden, params, final=world is not None)
     for k, v in ENGINE_DEFAULTS.items():
         ds.setdefault(k, v)
-    return Resolved(ds, stage, offload, label), problems
+    return Resolved(ds, stage, offload, label, notes), problems
+
+
+STAGE0_BF16_NOTE = ("ZeRO stage 0 with bf16: DeepSpeed accumulates gradients in bf16 at stage 0 (it supports fp32 "
+                    "accumulation only with ZeRO); the all-reduce runs in fp32. For fp32 accumulation use "
+                    "dist.zero_stage=1 (the same memory on one GPU) or dist.backend=ddp")
+
+
+def _gradient_precision(ds: dict, precision: str, stage: int) -> list[str]:
+    """bf16: fp32 gradient accumulation and reduction where DeepSpeed supports it (see the module docstring)."""
+    if precision != "bf16":
+        return []
+    notes = []
+    if ds.get("communication_data_type", AUTO) == AUTO:
+        ds["communication_data_type"] = "fp32"
+    accum = _get(ds, "data_types.grad_accum_dtype")
+    if stage == 0:
+        if accum in (_MISSING, AUTO):
+            if accum == AUTO:
+                del ds["data_types"]["grad_accum_dtype"]
+            notes.append(STAGE0_BF16_NOTE)
+    elif accum in (_MISSING, AUTO):
+        _set(ds, "data_types.grad_accum_dtype", "fp32")
+    return notes
 
 
 def _stage(ds: dict, d, label: str, problems: list[str]) -> int:
@@ -263,15 +317,24 @@ def _scheduler(ds: dict, label: str, problems: list[str]) -> None:
                         f"params \"auto\"")
 
 
-def _sizes(ds: dict, hidden: int | None, final: bool) -> None:
-    """Width-derived sizes; once final (the world size is known), any "auto" left is dropped."""
+BUCKET_ELEMENTS = int(5e7)
+
+
+def bucket_sizes(hidden: int, params: int) -> dict[str, int]:
+    """The "auto" sizes for a model of width `hidden` with `params` parameters (see the module docstring)."""
+    bucket = min(BUCKET_ELEMENTS, params)
+    return {"reduce_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": max(bucket, min(params, 2 * 4 * hidden * hidden)),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
+def _sizes(ds: dict, hidden: int | None, params: int | None, final: bool) -> None:
+    """Model-derived sizes; once final (the world size is known), any "auto" left is dropped."""
     zero = ds.get("zero_optimization")
-    sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-             "stage3_param_persistence_threshold": lambda h: 10 * h}
-    if isinstance(zero, dict) and hidden is not None:
-        for key, fn in sizes.items():
+    if isinstance(zero, dict) and hidden is not None and params is not None:
+        for key, value in bucket_sizes(hidden, params).items():
             if zero.get(key) == AUTO:
-                zero[key] = fn(hidden)
+                zero[key] = value
     if final:
         _drop_auto(ds)
 
@@ -280,8 +343,10 @@ def _drop_auto(d: dict) -> None:
     for k in list(d):
         if d[k] == AUTO:
             del d[k]
-        elif isinstance(d[k], dict):
+        elif isinstance(d[k], dict) and d[k]:
             _drop_auto(d[k])
+            if not d[k]:  # held only "auto" values (data_types in an fp32 run)
+                del d[k]
 
 
 def problems(cfg) -> list[str]:

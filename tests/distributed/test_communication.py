@@ -9,8 +9,9 @@ The design: DDP and ZeRO-0/1 reduce gradients once per optimizer step, whatever 
 every micro-batch but the last; DeepSpeed: the accumulation boundary set on the last one). ZeRO-2/3 partition
 gradients and reduce on every backward (DeepSpeed refuses `no_sync` there), so their count grows with
 grad_accum: the numbers below are what DeepSpeed 0.19 does with this model and the engine's bucket sizes
-(reduce_bucket_size = hidden^2); if a DeepSpeed upgrade or an engine change moves them, look at why before
-updating them. Besides the gradients, a step issues exactly one collective of its own (the global target count,
+(issue 13: reduce_bucket_size = min(5e7, P), so gpt2-tiny's 0.2M parameters make one bucket and each backward
+one gradient reduction; stage3_prefetch_bucket_size likewise); if a DeepSpeed upgrade or an engine change moves
+them, look at why before updating them. Besides the gradients, a step issues exactly one collective of its own (the global target count,
 which carries the preemption flag), and a log step two more (the window's loss and token sums): nothing else
 may creep into the loop.
 
@@ -52,9 +53,12 @@ LOG_STEP = {"allreduce_": 2}
 GRADIENTS = {
     "ddp": {"allreduce_": (1, 0)},  # one bucket (0.2M parameters < DDP's 25 MB bucket), once per step
     "zero0": {"allreduce_": (2, 0)},
-    "zero1": {"allreduce_": (14, 0), "_allgather_base_": (2, 0)},  # the partitions reduced, updated, gathered back
-    "zero2": {"allreduce_": (2, 20), "_allgather_base_": (2, 0)},  # gradient buckets reduced on every backward
-    "zero3": {"allreduce_": (2, 0), "_allgather_base_": (18, 20), "_reduce_scatter_base_": (0, 19)},  # + parameter gathers
+    # ZeRO 1-3: one gradient bucket holds the whole tiny model (issue 13's bucket sizes; with hidden^2 buckets
+    # these were zero1 14 all-reduces, zero2 2 + 20 x grad_accum, zero3 19 reduce-scatters and 18 + 20 all-gathers
+    # per micro-batch)
+    "zero1": {"allreduce_": (3, 0), "_allgather_base_": (2, 0)},  # the partitions reduced, updated, gathered back
+    "zero2": {"allreduce_": (2, 1), "_allgather_base_": (2, 0)},  # the gradient bucket reduced on every backward
+    "zero3": {"allreduce_": (2, 0), "_allgather_base_": (18, 11), "_reduce_scatter_base_": (0, 1)},  # + parameter gathers
     # FSDP: every group gathered twice per micro-batch; its gradients reduce-scattered per micro-batch (default) or
     # once per step (fsdp_grad_sync=step); one all-reduce of the squared shard norms
     "fsdp": {"allreduce_": (1, 0), "_allgather_base_": (0, 2 * FSDP_GROUPS), "_reduce_scatter_base_": (0, FSDP_GROUPS)},

@@ -3,7 +3,8 @@
 ZeRO-3 gathers a partitioned parameter for the forward of the module that owns it, and the engine computes
 the chunked loss (whose gradients are produced during the forward) inside `LMHead.forward` for that reason
 (engine/fastpath.py). Every parameter here is a real, empty shard outside the forwards; loss and
-gradients must still equal training without DeepSpeed."""
+gradients must still equal training without DeepSpeed, and the head's weight is gathered once, for its
+forward: its backward does not read it."""
 
 import json
 import subprocess
@@ -27,3 +28,6 @@ def test_chunked_loss_under_zero3_matches_plain_training():
     assert got["grad_scale"] > 1e-3
     for name, diff in got["grad_diff"].items():
         assert diff < 1e-6, f"{name}: gradient differs by {diff:.3g} under ZeRO-3"
+    # the head's backward only scales gradients it computed in the forward: ZeRO-3 gathers the tied
+    # [vocab x width] weight for the forward alone, not again before the backward (backends/deepspeed.py)
+    assert got["skipped"] and got["head_fetches"] == [["LMHead", True]]

@@ -23,6 +23,7 @@ def main(port: str) -> None:
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from engine import fastpath
+    from engine.backends.deepspeed import skip_backward_gather
     from engine.config import PerfConfig
     from engine.model import TrainModule
 
@@ -54,10 +55,22 @@ def main(port: str) -> None:
     ref_loss = ref(ids, labels)
     (ref_loss * 0.5).backward()
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters(), lr=1e-3), config=ds)
+    skipped = skip_backward_gather(module) if "--no-skip" not in sys.argv else False
     head = module.hf.lm_head
     shard_outside = head.weight.numel()
+    fetches = []  # (module class, forward?) for every parameter fetch ZeRO-3's coordinator is asked for
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    fetch = PartitionedParameterCoordinator.fetch_sub_module
+
+    def recording(self, sub_module, forward):
+        fetches.append((type(sub_module).__name__, bool(forward)))
+        return fetch(self, sub_module, forward)
+
+    PartitionedParameterCoordinator.fetch_sub_module = recording
     loss = engine(ids, labels)
     engine.backward(loss * 0.5)
+    PartitionedParameterCoordinator.fetch_sub_module = fetch
     names = ["hf.transformer.wte.weight", "hf.transformer.h.0.attn.c_attn.weight", "hf.transformer.ln_f.weight"]
     params = dict(module.named_parameters())
     refs = dict(ref.named_parameters())
@@ -66,7 +79,8 @@ def main(port: str) -> None:
            "tied": head.weight is module.hf.transformer.wte.weight, "vocab_size": module.hf.config.vocab_size,
            "padding_parameters": fastpath.padding_parameters(module.hf),
            "loss": float(loss.detach()), "ref_loss": float(ref_loss.detach()), "grad_diff": grad_diff,
-           "grad_scale": float(refs[names[0]].grad.abs().max())}
+           "grad_scale": float(refs[names[0]].grad.abs().max()), "skipped": skipped,
+           "head_fetches": [f for f in fetches if f[0] == "LMHead"]}
     engine.destroy()
     dist.destroy_process_group()
     print(json.dumps(out))

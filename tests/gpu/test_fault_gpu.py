@@ -12,7 +12,7 @@ from engine import fault
 from engine.config import load_config
 from engine.dist import DistEnv
 from engine.errors import EXIT_PREEMPTED
-from tests.conftest import read_metrics, tiny_overrides
+from tests.conftest import GPU_ENV, read_metrics, gpu_overrides
 from tests.fault_helpers import Watched, bitwise_equal, checkpoint_tensors, ftl_cmd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,7 +45,7 @@ def test_the_guard_and_the_fused_skip_add_no_host_sync(tmp_path, monkeypatch):
     try:
         for step in range(1, 5):
             guard.step_begins(step)
-            guard.all_reduce_count(count)
+            guard.all_reduce_count(count).wait()
             loss = model(x).square().sum() * (poison if step == 2 else one)
             fault.nan_if_nonfinite(loss).backward()
             norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=True)
@@ -65,9 +65,9 @@ def test_the_guard_and_the_fused_skip_add_no_host_sync(tmp_path, monkeypatch):
 
 def test_a_preempted_gpu_run_saves_and_exits_75_and_a_nan_step_is_skipped(tmp_path):
     run = tmp_path / "run"
-    args = ["train", *tiny_overrides(run, **{"train.max_steps": 200, "checkpoint.every": 1, "checkpoint.keep": 500,
+    args = ["train", *gpu_overrides(run, **{"train.max_steps": 200, "checkpoint.every": 1, "checkpoint.keep": 500,
                                              "train.sample_tokens": 0})]
-    job = Watched(ftl_cmd(args), FTL_FAULT_INJECT="nan@step=3")
+    job = Watched(ftl_cmd(args), FTL_FAULT_INJECT="nan@step=3", **GPU_ENV)
     job.wait_for(r"step 6/200")
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait() == EXIT_PREEMPTED, job.output[-4000:]

@@ -19,6 +19,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.gpu_heavy
 def test_checkpointed_peak_memory_stays_within_the_reported_limits():
     bench = _bench()
     T = 4096

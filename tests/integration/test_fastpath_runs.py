@@ -2,6 +2,7 @@
 vocabulary never reaches an export, and torch.compile (alone and under 2-rank DDP) gives eager's losses."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -66,13 +67,17 @@ SLOW = pytest.mark.skipif(not os.environ.get("FTL_SLOW_TESTS"),
                           reason="inductor's CPU code generation takes 30-100 s cold on 2 cores; FTL_SLOW_TESTS=1 runs it")
 
 
+ZERO_BREAKS = "model.compile: the training step compiled into"  # ... N graph(s) with 0 graph break(s)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=SLOW)])
-def test_compile_gives_eager_losses(fast_run, tmp_path, backend):
+def test_compile_gives_eager_losses(fast_run, tmp_path, backend, capfd):
     """torch.compile of the whole training forward: the GPT-2 body, the causal dispatch and the chunked
-    loss's autograd.Function (dynamo captures it in one graph). aot_eager runs dynamo and AOTAutograd,
+    loss's autograd.Function, in one graph with no graph break. aot_eager runs dynamo and AOTAutograd,
     the parts this engine's code must get through, in seconds; inductor's code generation on top is
     opt-in here (slow on CPU) and runs on the GPU in tests/gpu."""
     compiled = run_in_process(tmp_path / "compiled", **{"model.compile": "true", "perf.compile_backend": backend})
+    assert f"{ZERO_BREAKS} 1 graph(s) with 0 graph break(s)" in capfd.readouterr().err
     assert train_losses(compiled) == pytest.approx(train_losses(fast_run), rel=1e-5)
     assert max_weight_diff(compiled, fast_run) < 1e-5
 
@@ -84,7 +89,8 @@ def test_compile_under_two_rank_ddp_gives_eager_losses(fast_run, tmp_path):
     two = tmp_path / "ddp"
     args = tiny_overrides(two, **{**FAST, "train.micro_batch": 2, "model.compile": "true",
                                   "perf.compile_backend": "aot_eager"})
-    check(torchrun(2, ["train", *args]))
+    proc = check(torchrun(2, ["train", *args]))
+    assert re.search(rf"{ZERO_BREAKS} \d+ graph\(s\) with 0 graph break\(s\)", proc.stderr), proc.stderr[-3000:]
     assert train_losses(two) == pytest.approx(train_losses(fast_run), rel=1e-5)
     assert max_weight_diff(two, fast_run) < 1e-5
 
@@ -96,6 +102,7 @@ def test_compile_under_zero_gives_eager_losses(fast_run, tmp_path, stage):
     args = tiny_overrides(two, **{**FAST, "train.micro_batch": 2, "model.compile": "true",
                                   "perf.compile_backend": "aot_eager", "dist.backend": "deepspeed",
                                   "dist.zero_stage": stage})
-    check(torchrun(2, ["train", *args]))
+    proc = check(torchrun(2, ["train", *args]))
+    assert re.search(rf"{ZERO_BREAKS} \d+ graph\(s\) with 0 graph break\(s\)", proc.stderr), proc.stderr[-3000:]
     assert train_losses(two) == pytest.approx(train_losses(fast_run), rel=1e-5)
     assert max_weight_diff(two, fast_run) < 1e-5

@@ -23,8 +23,8 @@ def cfg_with(tmp_path, user: dict | None = None, **sets):
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
-def resolve(cfg, world=2, hidden=64):
-    resolved, problems = ds_config.resolve(cfg, world, hidden)
+def resolve(cfg, world=2, hidden=64, params=200_000):
+    resolved, problems = ds_config.resolve(cfg, world, hidden, params)
     assert not problems, problems
     return resolved
 
@@ -49,9 +49,9 @@ def test_auto_values_are_filled_from_the_engine_config(tmp_path):
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     z = ds["zero_optimization"]
     assert (z["stage"], z["offload_optimizer"]["device"], z["offload_param"]["device"]) == (3, "cpu", "cpu")
-    # the width-derived sizes of the Hugging Face integration
+    # the model-derived sizes: a model smaller than a bucket gets buckets of its own size
     assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) \
-        == (64 * 64, int(0.9 * 64 * 64), 640)
+        == (200_000, 200_000, 640)
     assert (r.stage, r.offload, r.offload_params) == (3, "cpu", True)
     assert "auto" not in json.dumps(ds)
 
@@ -165,3 +165,39 @@ def test_offload_at_stage_0_is_one_problem_not_three(tmp_path):
         cfg_with(tmp_path, None, **{"dist.offload": "cpu"})
     assert e.value.problems == ["dist.offload=cpu needs ZeRO stage 1, 2 or 3 (the optimizer state must be partitioned "
                                 "to be offloaded); set dist.zero_stage"]
+
+
+def test_bucket_sizes_are_sized_for_throughput():
+    """GPT-2 124M: a backward in 3 reductions, not the ~210 of hidden^2 buckets; ZeRO-3 can prefetch at least
+    two of the largest block weights (c_fc, 4 hidden^2); 1.5B: 32 reductions; a tiny model's buffers are no
+    larger than the model."""
+    from math import ceil
+
+    gpt2 = ds_config.bucket_sizes(768, 124_440_000)
+    assert ceil(124_440_000 / gpt2["reduce_bucket_size"]) == 3
+    assert ceil(124_440_000 / 768**2) > 200  # what hidden^2 gave
+    assert gpt2["stage3_prefetch_bucket_size"] >= 2 * 4 * 768**2
+    assert gpt2["stage3_param_persistence_threshold"] == 7680  # biases and LayerNorms stay whole
+    xl = ds_config.bucket_sizes(1600, 1_557_611_200)
+    assert ceil(1_557_611_200 / xl["reduce_bucket_size"]) == 32
+    assert xl["stage3_prefetch_bucket_size"] >= 2 * 4 * 1600**2
+    tiny = ds_config.bucket_sizes(64, 150_000)
+    assert tiny["reduce_bucket_size"] == tiny["stage3_prefetch_bucket_size"] == 150_000
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_gradients_accumulate_and_reduce_in_fp32_where_deepspeed_can(tmp_path, stage):
+    """bf16: data_types.grad_accum_dtype=fp32 at stages 1-3 (stage 0 cannot: a warning says so and what to do),
+    communication_data_type=fp32 at every stage, written into the JSON DeepSpeed gets (and prints)."""
+    r = resolve(cfg_with(tmp_path, **{"dist.zero_stage": stage, "train.precision": "bf16"}))
+    assert r.ds["communication_data_type"] == "fp32"
+    if stage == 0:
+        assert "grad_accum_dtype" not in r.ds.get("data_types", {})
+        assert r.notes == [ds_config.STAGE0_BF16_NOTE]
+    else:
+        assert r.ds["data_types"] == {"grad_accum_dtype": "fp32"} and r.notes == []
+    fp32 = resolve(cfg_with(tmp_path, **{"dist.zero_stage": stage}))  # fp32 training: nothing to widen
+    assert "data_types" not in fp32.ds and "communication_data_type" not in fp32.ds and fp32.notes == []
+    mine = resolve(cfg_with(tmp_path, {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"},
+                            **{"dist.zero_stage": stage, "train.precision": "bf16"}))
+    assert mine.ds["data_types"] == {"grad_accum_dtype": "bf16"} and mine.ds["communication_data_type"] == "bf16"
