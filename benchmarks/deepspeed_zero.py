@@ -1,4 +1,4 @@
-"""Per-rank memory and loss agreement of every ZeRO stage against DDP and one process (the README's table).
+"""Per-rank memory and loss agreement of every ZeRO stage against DDP and one process (the table in docs/distributed.md).
 
     python benchmarks/deepspeed_zero.py [--nproc 2] [--steps 4] [--model gpt2-tiny] [--out DIR]
 

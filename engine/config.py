@@ -196,7 +196,7 @@ class DataConfig:
                            "itself; false: one padded example per row (docs/sft.md).")
     overflow: str = opt("truncate", "Documents longer than seq_len (cls, and lm with data.pack=false): truncate keeps the "
                                     "first seq_len tokens; window cuts them into windows data.stride tokens apart "
-                                    "(README: Long inputs). prompt_completion/chat examples longer than seq_len + 1 "
+                                    "(docs/fine-tuning.md: Long inputs). prompt_completion/chat examples longer than seq_len + 1 "
                                     "tokens: truncate keeps their first tokens; truncate_prompt cuts the prompt (the "
                                     "oldest turns) from the left and keeps the last completion whole, dropping the "
                                     "example when that alone does not fit; drop drops them. Dropped examples, and "

@@ -15,7 +15,7 @@
 #   MAX_RESTARTS    restart all ranks this many times after a failure (default 0)
 #   PYTHON          a Python that has ftl-engine installed (default python3)
 #   OMP_NUM_THREADS CPU threads per rank (default: this node's CPUs / NPROC_PER_NODE)
-#   NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME: see README "Run on a cluster".
+#   NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME: see docs/clusters.md.
 #   DRY_RUN=1       print the torchrun command instead of running it
 # On SIGUSR1/SIGTERM every rank saves a checkpoint and the script exits 75 (run it again to resume).
 set -euo pipefail

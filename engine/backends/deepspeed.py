@@ -101,7 +101,7 @@ class DeepSpeedBackend(Backend):
         if cfg.train.precision == "fp16" and not get_accelerator().is_fp16_supported():
             problems.append(f"train.precision=fp16: DeepSpeed has no fp16 support on {env.device.type}; use bf16 or fp32")
         if problems:
-            raise UsageError(problems, hint="DeepSpeed JSON values the engine owns may be \"auto\"; see README, DeepSpeed ZeRO.")
+            raise UsageError(problems, hint="DeepSpeed JSON values the engine owns may be \"auto\"; see docs/distributed.md, DeepSpeed ZeRO.")
         self.resolved = resolved
         self.stage = resolved.stage
         # The resolved config (config.yaml, checkpoints) records what actually runs.
