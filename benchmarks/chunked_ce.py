@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import losses  # noqa: E402
-from engine.bench import RssPeak, _rss_mib  # noqa: E402
+from engine.commands.bench import RssPeak, _rss_mib  # noqa: E402
 
 
 def main() -> None:

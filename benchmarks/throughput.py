@@ -1,6 +1,6 @@
 """Throughput / MFU / memory grid: the engine against a plain PyTorch loop and Hugging Face Trainer.
 
-Same as `ftl bench` (the implementation is engine/bench.py, so an installed engine has it too):
+Same as `ftl bench` (the implementation is engine/commands/bench.py, so an installed engine has it too):
 
     python benchmarks/throughput.py --quick                      # CPU smoke grid, seconds
     python benchmarks/throughput.py --preset gpt2 --micro-batch 16,32 --seq-len 1024 --compile off,on

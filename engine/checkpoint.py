@@ -434,7 +434,7 @@ def export_hf(hf_config, head: str, state_dict: dict, tokenizer, out: Path, labe
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
     if head == "lm":  # plain `generate` stops where the engine does: EOS and a chat template's end-of-turn marker
-        from engine.sft import end_of_turn_ids
+        from engine.data.sft import end_of_turn_ids
 
         stop = end_of_turn_ids(tokenizer)
         if len(stop) > 1:

@@ -110,7 +110,7 @@ def launch(config, overrides, nproc_per_node, nnodes, node_rank, rdzv_endpoint, 
     SIGUSR1/SIGTERM reach every rank, which saves a checkpoint and exits 75; `ftl launch` then exits 75
     too (job scripts requeue on it).
     """
-    from engine import launcher as launch_lib
+    from engine.commands import launch as launch_lib
     from engine.config import load_config
 
     problems: list[str] = []
@@ -176,7 +176,8 @@ def eval_cmd(model, source, split, seq_len, batch_size, text_column, label_colum
     (with --format prompt_completion or chat: over the completions only).
     """
     _quiet_libraries()
-    from engine import evaluation, tools
+    from engine import evaluation
+    from engine.commands import models as tools
 
     header, report = tools.evaluate_model_report(
         Path(model), source, split, seq_len, batch_size, text_column, label_column, max_batches, stride,
@@ -219,7 +220,7 @@ def generate(model, prompt, prompts_file, batch_size, output, max_new_tokens, te
     if output is not None and prompts_file is None:
         raise UsageError("--output goes with --prompts-file (a single --prompt prints its text)")
     _quiet_libraries()
-    from engine import tools
+    from engine.commands import models as tools
 
     if chat is not None:
         messages = tools.parse_messages(chat)
@@ -261,7 +262,7 @@ def export(checkpoint_dir, out, fmt, force):
     the export did not write: a non-empty one exits 2 (see --force).
     """
     _quiet_libraries()
-    from engine import deploy
+    from engine.commands import export as deploy
 
     try:
         report = deploy.export(Path(checkpoint_dir), Path(out), fmt, force=force)
@@ -331,7 +332,7 @@ def explain(model, text, method, steps, baseline, target, top_k, attention, out)
     """Explain a prediction of an exported model: token attributions (cls: for the predicted class;
     lm: for the most likely next token) and, for lm, the top-k next tokens at each position."""
     _quiet_libraries()
-    from engine import explain as explain_lib
+    from engine.commands import explain as explain_lib
 
     result = explain_lib.explain(Path(model), text, method, steps, baseline, target, top_k, attention)
     files = explain_lib.write(result, out, str(model), text)
@@ -372,7 +373,7 @@ def sweep(config, overrides, grid, n_random, seed, metric, mode, rungs, eta, out
           wait, poll_s, dry_run):
     """Hyperparameter sweep over CONFIG: each trial is a run in its own directory; then a summary
     table (stdout, CSV, markdown) sorted by --metric, TensorBoard HParams and best.yaml."""
-    from engine import sweep as sweep_lib
+    from engine.commands import sweep as sweep_lib
 
     try:
         rung_steps = [int(r) for r in rungs.split(",") if r.strip()]
@@ -424,7 +425,7 @@ def _run_sweep(sweep_lib, plan, out_dir, slurm, sbatch_args, wait, rung_steps, n
 @click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def sweep_summary(sweep_dir):
     """(Re)write the summary of a sweep directory: table, summary.csv/.md, TensorBoard HParams, best.yaml."""
-    from engine import sweep as sweep_lib
+    from engine.commands import sweep as sweep_lib
 
     sweep_lib.summarize(sweep_dir, log=click.echo)
 
@@ -455,7 +456,7 @@ def serve(model, port, host, max_body_bytes, max_new_tokens, max_batch, quiet, a
     """Serve an exported model over HTTP: POST /generate (lm) or /classify (cls), JSON in and out, and for
     language models the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions, streaming included)."""
     _quiet_libraries()
-    from engine import serve as serve_lib
+    from engine.commands import serve as serve_lib
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
@@ -523,7 +524,7 @@ def slurm(config, overrides, nodes, gpus_per_node, nproc_per_node, cpus_per_task
     preemption, requeues itself and resumes. A sweep writes <run dir>/grid.txt and trains trial i in
     <run dir>/trial-<iii>.
     """
-    from engine import slurm as slurm_lib
+    from engine.commands import slurm as slurm_lib
     from engine.config import load_config
 
     problems: list[str] = []
@@ -626,7 +627,7 @@ def bench(quick, presets, backends, micro_batches, seq_lens, compiles, grad_accu
     OUT/throughput.json, .md and .png. Run it under torchrun for several GPUs. See benchmarks/RESULTS.md.
     """
     _quiet_libraries()
-    from engine import bench as bench_lib
+    from engine.commands import bench as bench_lib
     from engine.model import PRESETS
 
     q = bench_lib.QUICK if quick else {}
@@ -687,7 +688,7 @@ def data_stats(config_file, overrides, split, top, as_json):
 
     cfg = load_config(config_file, overrides)
     _quiet_libraries()
-    from engine import datastats
+    from engine.commands import datastats
 
     result = datastats.stats(cfg, split, top)
     click.echo(json.dumps(result) if as_json else datastats.render(result))

@@ -210,7 +210,7 @@ class DataConfig:
                                          "stream; rare-class samples repeat more often than common ones).")
     add_tokens: list[str] = opt([], "Tokens added to the tokenizer, each kept whole; the embedding grows and the new "
                                     "rows start at the mean of the existing ones (a tied LM head stays tied).")
-    # Instruction and chat fine-tuning (engine/sft.py, docs/sft.md)
+    # Instruction and chat fine-tuning (engine/data/sft.py, docs/sft.md)
     format: str = opt("text", "text: raw text (data.text_column); prompt_completion: columns data.prompt_column and "
                               "data.completion_column, the loss on the completion (and EOS) only; chat: "
                               "data.messages_column, lists of {role, content} (or ShareGPT {from, value}) rendered with "

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import data, dist, losses, metrics, windows as windows_lib
+from engine import dist, losses, metrics
+from engine.data import sources as data, windows as windows_lib
 from engine.config import EvalConfig
 
 
@@ -176,7 +177,7 @@ def evaluate(module, prepared: data.Prepared, env: dist.DistEnv, micro_batch: in
 def sliding_windows(ids: list[int], seq_len: int, stride: int) -> list[tuple[list[int], int]]:
     """(row, skip) pairs covering one document: rows of up to seq_len + 1 tokens (inputs and shifted
     targets) starting `stride` apart; a row's first `skip` targets were scored by an earlier window. The
-    same arithmetic as data.overflow=window's LM training windows (engine/windows.py)."""
+    same arithmetic as data.overflow=window's LM training windows (engine/data/windows.py)."""
     return windows_lib.lm_windows(ids, seq_len, stride)
 
 

@@ -268,3 +268,10 @@ def num_parameters(model: nn.Module) -> int:
     for p in model.parameters():
         seen[id(p)] = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition knows its full size
     return sum(seen.values())
+
+
+def load_exported(path: Path, head: str, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+    return auto.from_pretrained(path, **kwargs).eval()

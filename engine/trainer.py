@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import (backends, checkpoint, data, dist, evaluation, fastpath, fault, losses, memory, metrics,
+from engine import (backends, checkpoint, dist, evaluation, fastpath, fault, losses, memory, metrics,
                     model as model_lib, optim, ownership, resume, transfer)
+from engine.data import sources as data
 from engine.config import Config, dump_resolved
 from engine.errors import ExportMismatch, UsageError
+from engine.model import load_exported
 
 
 def seed_everything(seed: int) -> None:
@@ -661,13 +663,6 @@ def _fmt(row: dict) -> str:
         else:
             parts.append(f"{k} {v}")
     return " | ".join(parts)
-
-
-def load_exported(path: Path, head: str, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    return auto.from_pretrained(path, **kwargs).eval()
 
 
 def export_tolerance(dtype: torch.dtype) -> float:

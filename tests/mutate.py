@@ -61,7 +61,7 @@ TARGETS: dict[str, Target] = {
                           _F + "test_world_size_change_goes_through_load_resharded",
                           _F + "test_checkpoints_never_execute_pickles", _F + "test_rng_round_trip_through_a_file",
                           "tests/distributed/test_checkpoint_barrier.py"]),
-    "sampler": Target("engine/data.py", ["GlobalSampler._permutation", "GlobalSampler.indices",
+    "sampler": Target("engine/data/sources.py", ["GlobalSampler._permutation", "GlobalSampler.indices",
                                          "BalancedSampler.indices", "Layout.global_batch", "Layout.positions",
                                          "TrainBatches.micro_batches", "TrainBatches.next"],
                       ["tests/unit/test_data.py", "tests/unit/test_prefetch_guards.py",

@@ -40,9 +40,9 @@ def direct_confusion(model_dir: Path, seq_len: int) -> torch.Tensor:
     """Predict every validation snippet with plain transformers and count [true, predicted] by hand."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from engine import tasks  # noqa: F401  (the builtin source)
+    from engine.data import tasks  # noqa: F401  (the builtin source)
     from engine.config import DataConfig
-    from engine.data import load_raw
+    from engine.data.sources import load_raw
 
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -88,7 +88,7 @@ def test_weighted_lora_fine_tune_ddp_two_ranks(tmp_path, reference):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_weighted_lora_fine_tune_zero_two_ranks(stage, tmp_path, reference):
-    from engine import tools
+    from engine.commands import models as tools
 
     run = tmp_path / f"zero{stage}_w2_m2_a2"
     zero = {"train.micro_batch": 2, "train.grad_accum": 2, "dist.backend": "deepspeed", "dist.zero_stage": stage,

@@ -172,9 +172,9 @@ def wait_for(tmp_path: Path, prefix: str, n: int, proc: subprocess.Popen, timeou
     raise AssertionError(f"no {n} {prefix} markers: {proc.communicate()[0]}")
 
 
-TORCHRUN = ("import sys; from engine.launcher import run_torchrun; "
+TORCHRUN = ("import sys; from engine.commands.launch import run_torchrun; "
             "sys.exit(run_torchrun(['--nproc-per-node=2', '--standalone', '--max-restarts=1', *sys.argv[1:]]))")
-DEEPSPEED = ("import signal, sys; from engine.launcher import supervise, free_port; "
+DEEPSPEED = ("import signal, sys; from engine.commands.launch import supervise, free_port; "
              "sys.exit(supervise([sys.executable, '-m', 'deepspeed.launcher.runner', '--num_gpus=2', "
              "f'--master_port={free_port()}', '--no_local_rank', *sys.argv[1:]], shield=(signal.SIGUSR1,)))")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import data
+from engine.data import sources as data
 from tests.conftest import tiny_config
 
 CLASSES = ("common", "rare")  # label ids 0, 1 (sorted names)

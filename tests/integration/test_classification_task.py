@@ -29,7 +29,7 @@ DATA_ARGS = [a for k, v in TASK.items() if k.startswith(("data.", "model.")) for
 @pytest.fixture(scope="module")
 def baseline():
     """The majority-class baseline on the validation split, as `ftl data stats --json` reports it."""
-    from engine import datastats
+    from engine.commands import datastats
     from engine.config import load_config
 
     cfg = load_config(None, DATA_ARGS[1::2])
@@ -92,7 +92,7 @@ def test_ftl_eval_prints_a_readable_report(cls_run, capsys):
     assert "precision  recall      f1  support  predicted" in out and "confusion matrix (rows: true class" in out
     table = [line for line in out.splitlines() if line.startswith("encodings ")]
     assert len(table) == 2  # the per-class row and the confusion-matrix row
-    from engine import tools  # what `ftl eval --json` prints, in this process
+    from engine.commands import models as tools  # what `ftl eval --json` prints, in this process
 
     as_json = tools.evaluate_model(run_dir / "final", "builtin:stdlib_packages", "validation", None, 64, None, None, 0)
     assert as_json["eval_macro_f1"] == pytest.approx(logged["eval_macro_f1"], abs=1e-9)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import compat, data, dist
+from engine import compat, dist
+from engine.data import sources as data
 from engine.trainer import Trainer
 from tests.conftest import OFFLINE, ROOT, tiny_config
 

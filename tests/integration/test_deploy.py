@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from engine import cli, data, deploy, dist, tools
+from engine import cli, dist
+from engine.data import sources as data
+from engine.commands import export as deploy, models as tools
 from engine.trainer import Trainer
 from tests.conftest import check, env_for_subprocess, run_ftl, tiny_config
 
@@ -213,7 +215,7 @@ def test_generate_bad_prompt_files(lm_run, tmp_path, capsys):
 
 class Server:
     def __init__(self, model_dir, max_body=2048):
-        from engine import serve
+        from engine.commands import serve
 
         self.service = serve.ModelService(model_dir, max_new_tokens=32, max_batch=4)
         self.httpd = serve.make_server(self.service, "127.0.0.1", 0, max_body, quiet=True)

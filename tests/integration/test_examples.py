@@ -104,7 +104,7 @@ def test_sft_then_the_readmes_openai_client(workdir, capsys):
     import re
     import threading
 
-    from engine import serve
+    from engine.commands import serve
 
     ftl("train", "examples/sft.yaml", *FEW_STEPS, "--set", "train.micro_batch=2", "--set", "eval.generations=1",
         "--set", "eval.generation_tokens=4")

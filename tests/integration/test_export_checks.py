@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from engine import checkpoint, cli, deploy
+from engine import checkpoint, cli
+from engine.commands import export as deploy
 from tests.conftest import ROOT, run_ftl, tiny_config, tiny_overrides
 
 HOOKS = ROOT / "tests" / "hooks"

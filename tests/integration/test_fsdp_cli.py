@@ -86,7 +86,7 @@ def test_lora_with_per_block_compile_and_checkpointing_matches_ddp(tmp_path):
     model_keys = [k for k in keys if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys), model_keys
     # exported offline from those adapters (base rebuilt from model.name, adapters merged), checked by logits
-    from engine import tools
+    from engine.commands import models as tools
 
     report = tools.export_checkpoint_checked(fsdp / "checkpoints" / "step-000004", tmp_path / "export")
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
@@ -95,7 +95,8 @@ def test_lora_with_per_block_compile_and_checkpointing_matches_ddp(tmp_path):
 
 
 def test_frozen_cls_from_a_pretrained_directory_matches_ddp(tmp_path):
-    from engine import data, model as model_lib
+    from engine import model as model_lib
+    from engine.data import sources as data
     from engine.config import ModelConfig
 
     reviews = tmp_path / "reviews.jsonl"
@@ -174,7 +175,8 @@ def test_large_exports_are_sharded_safetensors_with_an_index(tmp_path, monkeypat
     files and an index; shown here with a 100 kB limit on the tiny model, reloaded by plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    from engine import checkpoint, data, model as model_lib
+    from engine import checkpoint, model as model_lib
+    from engine.data import sources as data
     from engine.config import ModelConfig
 
     monkeypatch.setattr(checkpoint, "EXPORT_SHARD_SIZE", "100KB")

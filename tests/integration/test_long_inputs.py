@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from engine import data, dist
+from engine import dist
+from engine.data import sources as data
 from engine.trainer import Trainer
 from tests.conftest import ROOT, read_metrics, tiny_config
 
@@ -75,7 +76,7 @@ def _cls_cfg(run, docs, **extra):
 
 
 def test_classification_windows_see_the_whole_document(long_docs, tmp_path):
-    from engine import tools
+    from engine.commands import models as tools
 
     # truncation keeps the first 16 tokens: only neutral words, so the label is a coin toss
     trunc, _ = _train(_cls_cfg(tmp_path / "trunc", long_docs))

@@ -83,7 +83,7 @@ def test_chat_run_log_eval_and_tensorboard(chat_run):
 def test_export_carries_the_template_and_the_end_of_turn_stop(chat_run, tmp_path):
     from transformers import AutoTokenizer
 
-    from engine import data, sft
+    from engine.data import sources as data, sft
 
     run_dir, _ = chat_run
     final = run_dir / "final"
@@ -110,7 +110,7 @@ def test_export_carries_the_template_and_the_end_of_turn_stop(chat_run, tmp_path
 
 class Server:
     def __init__(self, model_dir, api_key=None):
-        from engine import serve
+        from engine.commands import serve
 
         self.service = serve.ModelService(model_dir, max_new_tokens=24, max_batch=4)
         self.httpd = serve.make_server(self.service, "127.0.0.1", 0, 65536, quiet=True, api_key=api_key)
@@ -294,7 +294,7 @@ def test_packed_sft_resumes_exactly(tmp_path, pairs):
 
 
 def test_mixed_datasets_each_with_its_format_and_weight(tmp_path, pairs):
-    from engine import data
+    from engine.data import sources as data
 
     chats = write_chats(tmp_path / "chats.jsonl", 20)
     share = tmp_path / "sharegpt.jsonl"
@@ -324,7 +324,7 @@ def test_lora_adapter_export_in_peft_format(tmp_path, pairs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from engine import data
+    from engine.data import sources as data
 
     base = tmp_path / "base"
     tok = data.train_bpe([json.loads(line)["prompt"] + json.loads(line)["completion"]

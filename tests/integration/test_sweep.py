@@ -5,7 +5,8 @@ import csv
 
 import pytest
 
-from engine import cli, sweep
+from engine import cli
+from engine.commands import sweep
 from engine.config import load_config
 from tests.conftest import check, read_metrics, run_ftl, tiny_overrides
 
@@ -13,7 +14,7 @@ from tests.conftest import check, read_metrics, run_ftl, tiny_overrides
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """One BPE tokenizer for every trial (each trial would otherwise train its own)."""
-    from engine import data
+    from engine.data import sources as data
     from engine.config import DataConfig
 
     raw = data.load_raw(DataConfig(), seed=0)

@@ -80,8 +80,8 @@ def test_freezing_and_discriminative_learning_rates(reviews, tmp_path):
 def test_lora_trains_only_adapters_checkpoints_are_small_and_export_merges(reviews, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from engine import tools
-    from engine.data import probe_batch
+    from engine.commands import models as tools
+    from engine.data.sources import probe_batch
 
     over = {"model.lora_rank": 4, "model.lora_alpha": 8, "train.max_steps": 8, "checkpoint.every": 4}
     seen = {}
@@ -141,7 +141,7 @@ def test_lora_trains_only_adapters_checkpoints_are_small_and_export_merges(revie
 def test_added_tokens_start_at_the_mean_and_keep_the_head_tied(tmp_path):
     import pydoc_data.topics
 
-    from engine.data import train_bpe
+    from engine.data.sources import train_bpe
     from engine.config import ModelConfig
 
     tok = train_bpe(list(pydoc_data.topics.topics.values())[:20], 320)
@@ -176,7 +176,7 @@ def test_added_tokens_start_at_the_mean_and_keep_the_head_tied(tmp_path):
 
 
 def model_lib_tokenizer(path):
-    from engine.data import load_tokenizer
+    from engine.data.sources import load_tokenizer
 
     return load_tokenizer(str(path))
 

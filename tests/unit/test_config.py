@@ -95,7 +95,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_every_builtin_source_is_documented():
     """`ftl config keys` (the data.source help) names every builtin:<name> the engine registers."""
-    from engine import data
+    from engine.data import sources as data
     from engine.config import describe
 
     (help_text,) = [h for key, _, _, h in describe() if key == "data.source"]

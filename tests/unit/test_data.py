@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import data
+from engine.data import sources as data
 from engine.config import DataConfig
 from engine.errors import UsageError
 from engine.losses import IGNORE

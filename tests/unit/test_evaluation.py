@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import data, dist, evaluation, metrics, model as model_lib
+from engine import dist, evaluation, metrics, model as model_lib
+from engine.data import sources as data
 from engine.config import EvalConfig, ModelConfig, PerfConfig
 
 
@@ -256,7 +257,7 @@ def test_best_tracker_patience_and_modes():
 def test_ftl_eval_of_a_language_model_with_stride(tiny_lm, tmp_path):
     import json as _json
 
-    from engine import tools
+    from engine.commands import models as tools
 
     hf, tok, texts = tiny_lm
     hf.save_pretrained(tmp_path / "lm")

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from engine import data, explain
+from engine.data import sources as data
+from engine.commands import explain
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_integrated_gradients_are_complete(model_dirs, head, baseline):
     assert abs(c["sum_attributions"] - c["difference"]) <= 1e-3 * max(1.0, abs(c["difference"])), c
     assert abs(c["difference"]) > 0.05  # not a vacuous 0 == 0
     # and f(input) is really the model's logit of the explained target
-    from engine import tools
+    from engine.commands import models as tools
 
     hf, tok, _ = tools.load_model(model_dirs[head], torch.device("cpu"))
     ids = tok("the cat sat on the mat in the park", return_tensors="pt")["input_ids"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import data, fastpath, losses, model as model_lib
+from engine import fastpath, losses, model as model_lib
+from engine.data import sources as data
 from engine.config import ModelConfig, PerfConfig
 
 IGNORE = losses.IGNORE

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint, data, fault, resume
+from engine import checkpoint, fault, resume
+from engine.data import sources as data
 from engine.config import load_config
 from engine.errors import UsageError
 from tests.conftest import ROOT, env_for_subprocess
@@ -408,7 +409,7 @@ def test_watchdog_dumps_every_thread_and_exits_4(tmp_path):
 
 
 def test_launcher_forwards_the_preemption_signal_and_waits_for_the_save():
-    from engine import launcher
+    from engine.commands import launch as launcher
 
     plan = launcher.LaunchPlan(["--set", "train.max_steps=5"], nproc_per_node=2)
     cmd = plan.command()

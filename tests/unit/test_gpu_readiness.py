@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import data, dist, fastpath, fault, losses, metrics, model as model_lib
+from engine import dist, fastpath, fault, losses, metrics, model as model_lib
+from engine.data import sources as data
 from engine.config import ModelConfig, PerfConfig, load_config
 from engine.dist import DistEnv
 from engine.errors import ExportMismatch, UsageError
@@ -464,7 +465,7 @@ def test_bench_isolates_each_implementations_settings_and_reports_a_failed_point
     """`--ablate`'s TF32-off (ours-plain, configured on a CUDA device) must not leak into the baselines measured
     after it; an implementation that fails (a DeepSpeed op that does not build) is recorded as failed and the
     grid goes on; a usage error still exits 2."""
-    from engine import bench
+    from engine.commands import bench
 
     env = DistEnv()
     row = {"label": "gpt2 ddp mb16x1 T1024", "results": {}, "skipped": {}, "failed": {}}

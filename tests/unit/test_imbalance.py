@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import data, losses
+from engine import losses
+from engine.data import sources as data
 from engine.config import LossConfig, load_config
 from engine.errors import UsageError
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import dist, slurm
+from engine import dist
+from engine.commands import slurm
 from engine.cli import main
-from engine.launcher import LaunchPlan, preempted_exit_code
+from engine.commands.launch import LaunchPlan, preempted_exit_code
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -109,7 +110,7 @@ def test_dry_run_deepspeed_users_hostfile_over_ssh(capsys, tmp_path):
 def test_launch_adds_omp_threads_only_when_unset(monkeypatch):
     plan = LaunchPlan([], 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("engine.launcher.available_cpus", lambda: 16)
+    monkeypatch.setattr("engine.commands.launch.available_cpus", lambda: 16)
     assert plan.env()["OMP_NUM_THREADS"] == "8"
     assert plan.render().startswith("OMP_NUM_THREADS=8 ")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")

@@ -7,7 +7,7 @@ import torch
 
 from engine import losses, model as model_lib, optim
 from engine.config import ModelConfig, OptimConfig
-from engine.data import collate, train_bpe
+from engine.data.sources import collate, train_bpe
 
 
 def _module():

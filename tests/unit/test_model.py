@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from engine import data, model as model_lib
+from engine import model as model_lib
+from engine.data import sources as data
 from engine.config import ModelConfig
 from engine.errors import UsageError
 

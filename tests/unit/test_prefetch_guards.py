@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from engine import data
+from engine.data import sources as data
 
 
 class Tok:

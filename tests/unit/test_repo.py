@@ -43,7 +43,7 @@ def test_deepspeed_is_imported_only_in_backends():
 
 def test_launcher_variables_are_read_only_in_dist():
     """DESIGN.md: dist.py is the only reader of RANK/LOCAL_RANK/WORLD_SIZE/SLURM_* (launchers may SET them for
-    the processes they start: engine/launcher.py and engine/slurm.py build those environments)."""
+    the processes they start: engine/commands/launch.py and engine/commands/slurm.py build those environments)."""
     import ast
     import re
 

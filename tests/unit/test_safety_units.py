@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import checkpoint, dist, fault, integrity, launcher, metrics, ownership
+from engine import checkpoint, dist, fault, integrity, metrics, ownership
+from engine.commands import launch as launcher
 from engine.config import load_config
 from engine.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UsageError
 from tests.conftest import ROOT, env_for_subprocess
@@ -375,7 +376,7 @@ def test_duplicate_config_keys_are_an_error(tmp_path):
 def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(monkeypatch):
     import pydoc_data.topics
 
-    from engine import data
+    from engine.data import sources as data
 
     text = " ".join(list(pydoc_data.topics.topics.values())[:60]) + "  two  spaces\tand a tab  "
     tok = data.train_bpe([[text]], 400)

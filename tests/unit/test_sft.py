@@ -1,4 +1,4 @@
-"""Instruction data (engine/sft.py): which tokens are targets, overflow, packing, and invariant 6 — a packed row
+"""Instruction data (engine/data/sft.py): which tokens are targets, overflow, packing, and invariant 6 — a packed row
 gives the same per-token losses and gradients as its examples run one by one (CPU, SDPA, default perf settings,
 and the transformers/eager paths)."""
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import data, fastpath, losses, model as model_lib, sft
+from engine import fastpath, losses, model as model_lib
+from engine.data import sources as data, sft
 from engine.config import DataConfig, ModelConfig, PerfConfig
 
 IGNORE = losses.IGNORE
@@ -246,10 +247,10 @@ def test_packing_raises_tokens_per_row_at_the_same_loss():
     assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0] / 2  # more tokens per row
 
 
-# ------------------------------------------------------------------------ streaming (engine/openai_api.py)
+# ------------------------------------------------------------------------ streaming (engine/commands/openai_api.py)
 
 def _stream(tok, text: str, stops: list[str], stop_ids=()):
-    from engine import openai_api
+    from engine.commands import openai_api
 
     ids = tok(text, add_special_tokens=False)["input_ids"]
     deltas = []

@@ -4,7 +4,8 @@ metric, never re-run, eligible as best), and a NaN metric is never promoted nor 
 import json
 import math
 
-from engine import checkpoint, sweep
+from engine import checkpoint
+from engine.commands import sweep
 
 
 def _plan(names, metric="eval_loss", max_steps=8, rungs=()):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import data, windows
+from engine.data import sources as data, windows
 from engine.config import DataConfig, load_config
 from engine.errors import UsageError
 from engine.losses import IGNORE

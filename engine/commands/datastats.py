@@ -16,7 +16,8 @@ from collections import Counter
 
 import numpy as np
 
-from engine import data, model as model_lib, transfer
+from engine import model as model_lib, transfer
+from engine.data import sources as data
 from engine.config import Config
 
 

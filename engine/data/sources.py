@@ -3,11 +3,11 @@
 Sources (`data.source`), all read through Hugging Face `datasets`:
   builtin:pydoc   the English text of Python's own documentation topics (pydoc_data.topics; ~0.5 MB)
   builtin:stdlib  the source of the Python standard library (~30 MB)
-  builtin:stdlib_packages  standard-library snippets labelled with their package (classification; engine/tasks.py)
+  builtin:stdlib_packages  standard-library snippets labelled with their package (classification; engine/data/tasks.py)
   local files     .txt (paragraphs) / .jsonl / .json / .csv / .parquet, globs allowed
   hub datasets    `name` or `name:config` (downloaded by datasets; never in tests or the default job)
 
-data.format=prompt_completion / chat (and data.mix) read examples instead of a text stream: engine/sft.py
+data.format=prompt_completion / chat (and data.mix) read examples instead of a text stream: engine/data/sft.py
 checks and normalizes the rows, marks the target tokens and packs whole examples into rows; a sample is
 then one such row, sampled like any other.
 
@@ -36,7 +36,7 @@ from engine import dist
 from engine.config import DataConfig, looks_like_path
 from engine.errors import UsageError
 from engine.losses import IGNORE
-from engine.windows import WindowSpec, cls_eval_batch, cls_windows, lm_windows
+from engine.data.windows import WindowSpec, cls_eval_batch, cls_windows, lm_windows
 
 EOS = "<|endoftext|>"
 FILE_LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -72,7 +72,7 @@ BUILTINS = {
 }
 
 
-# Builtins that come with their own splits: their generator takes `split=<name>` (see engine/tasks.py).
+# Builtins that come with their own splits: their generator takes `split=<name>` (see engine/data/tasks.py).
 BUILTIN_SPLITS: dict[str, tuple[str, ...]] = {}
 
 
@@ -98,8 +98,8 @@ def load_raw(cfg: DataConfig, seed: int, need_label: bool = False):
     that exist) or an empty split.
     """
     _silence_datasets()
-    if cfg.sft:  # prompt/completion, chat or a mix: rows checked and normalized (engine/sft.py)
-        from engine import sft
+    if cfg.sft:  # prompt/completion, chat or a mix: rows checked and normalized (engine/data/sft.py)
+        from engine.data import sft
 
         return sft.load_normalized(cfg, seed, lambda src: load_source(src),
                                    lambda dd, s: _train_validation(dd, cfg, s))
@@ -363,8 +363,8 @@ def tokenizer_from_json(blob: str):
 
 
 def text_iterator(ds, column: str, batch: int = 1000) -> Iterator[list[str]]:
-    if "contents" in ds.column_names and column not in ds.column_names:  # normalized SFT rows (engine/sft.py)
-        from engine import sft
+    if "contents" in ds.column_names and column not in ds.column_names:  # normalized SFT rows (engine/data/sft.py)
+        from engine.data import sft
 
         yield from sft.training_texts(ds, batch)
         return
@@ -490,7 +490,7 @@ class Prepared:
     windows: WindowSpec | None = None  # data.overflow=window (cls validation rows are whole documents)
     class_weights: torch.Tensor | None = None  # head=cls: per-class loss weights (loss.class_weights)
     balanced: bool = False  # head=cls: draw training samples class-balanced (data.balanced_sampling)
-    sft: bool = False  # prompt_completion/chat/mix: rows of inputs + labels (engine/sft.py)
+    sft: bool = False  # prompt_completion/chat/mix: rows of inputs + labels (engine/data/sft.py)
     packed: bool = False  # sft: rows hold several examples (position_ids/document_ids in each batch)
     isolate_eos: int | None = None  # text, data.isolate_documents: the EOS that separates documents
     stats: dict = field(default_factory=dict)  # sft: split -> sft.Stats
@@ -500,7 +500,7 @@ class Prepared:
     def collate(self, ds, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The samples `idx` of split `ds` as one micro-batch of tensors."""
         if self.sft:
-            from engine import sft
+            from engine.data import sft
 
             got = ds[idx.tolist()]
             return sft.collate(list(got["input_ids"]), list(got["labels"]), list(got["lengths"]),
@@ -508,7 +508,7 @@ class Prepared:
         rows, labels = _rows(ds, idx)
         batch = _mask_skipped(collate(rows, self.head, self.tokenizer.pad_token_id, labels), ds, idx)
         if self.isolate_eos is not None:
-            from engine import sft
+            from engine.data import sft
 
             batch = sft.isolate_documents(batch, self.isolate_eos)
         return batch
@@ -529,7 +529,7 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
     """Tokenize (cached by datasets) and pack/label both splits; rank 0 fills the cache first.
 
     `label_names` fixes the label vocabulary (a trained model's id2label) instead of inferring it.
-    Long documents follow data.overflow (engine/windows.py). prompt_completion/chat data: `prepare_sft`,
+    Long documents follow data.overflow (engine/data/windows.py). prompt_completion/chat data: `prepare_sft`,
     keeping `prompts` held-out prompts for the greedy generations of evaluation."""
     if cfg.sft:
         return prepare_sft(dd, tokenizer, cfg, prompts)
@@ -577,8 +577,8 @@ def prepare(dd, tokenizer, cfg: DataConfig, head: str, num_labels: int = 0,
 
 def prepare_sft(dd, tokenizer, cfg: DataConfig, prompts: int = 3, prompt_tokens: int | None = None) -> Prepared:
     """prompt_completion/chat/mix: the chat template installed on the tokenizer (when the data has chats),
-    every example encoded and checked, data.overflow applied, packed into rows (engine/sft.py)."""
-    from engine import sft
+    every example encoded and checked, data.overflow applied, packed into rows (engine/data/sft.py)."""
+    from engine.data import sft
 
     chat = sft.install_template(cfg, tokenizer) if "chat" in cfg.formats else None
     problems = sft.RowProblems()
@@ -873,4 +873,7 @@ def eval_batches(data: Prepared, world: int, rank: int, micro_batch: int, device
         yield {k: t.to(device) for k, t in batch.items()}
 
 
-import engine.tasks  # noqa: E402,F401  (registers the builtin:<task> sources; it imports this module)
+from engine.data import tasks as builtin_tasks  # noqa: E402  (engine/data/tasks.py never imports this module)
+
+for _name, (_generator, _gen_kwargs, _splits) in builtin_tasks.TASKS.items():
+    register_builtin(_name, _generator, _gen_kwargs, _splits)

@@ -234,7 +234,7 @@ def preflight(plan: Plan) -> None:
     its columns and the tokenizer, when no --grid parameter changes them. Each trial's own config was checked
     by `build_plan`; this catches the problems only reading the data finds (a missing column, an empty split,
     a tokenizer directory that does not load), once, instead of in trial 0."""
-    from engine import data
+    from engine.data import sources as data
     from engine.config import load_config
 
     if any(p.split("=", 1)[0].strip().startswith(("data.", "model.")) for p in plan.params):
@@ -558,7 +558,7 @@ def summarize(out: Path, log=print) -> dict:
 
 def sweep_script() -> Path:
     """The array script: the source checkout's, else the copy a non-editable install ships."""
-    from engine import slurm
+    from engine.commands import slurm
 
     return slurm.template_path("sweep")
 
@@ -579,7 +579,7 @@ def _sbatch_option(args: list[str], long: str, short: str | None = None) -> str 
 def time_limit_problem(script: Path, sbatch_args: list[str]) -> str | None:
     """A --time at or under the script's checkpoint signal (`--signal=B:USR1@N`) makes every task get the
     signal before it trains: it saves, exits 75 and requeues, forever."""
-    from engine import slurm
+    from engine.commands import slurm
 
     limit = _sbatch_option(sbatch_args, "--time", "-t")
     signal = _sbatch_option(sbatch_args, "--signal")

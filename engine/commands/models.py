@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine import checkpoint, data, dist, fastpath, model as model_lib, ownership
+from engine import checkpoint, dist, fastpath, model as model_lib, ownership
+from engine.data import sources as data
 from engine.config import DataConfig, PerfConfig
 from engine.errors import UsageError
 
@@ -36,7 +37,7 @@ def head_of(model_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, device: torch.device):
-    from engine.trainer import load_exported
+    from engine.model import load_exported
 
     head = head_of(model_dir)
     hf = load_exported(model_dir, head).to(device)
@@ -344,8 +345,8 @@ def export_checkpoint_checked(path: Path, out: Path) -> dict:
     reloaded by transformers must give the same logits on a padded probe batch."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from engine import deploy
-    from engine.trainer import load_exported
+    from engine.commands import export_check
+    from engine.model import load_exported
 
     with reading_checkpoint(path) as ckpt:
         return _export_checkpoint_checked(ckpt, out)
@@ -354,8 +355,8 @@ def export_checkpoint_checked(path: Path, out: Path) -> dict:
 def _export_checkpoint_checked(ckpt: Path, out: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from engine import deploy
-    from engine.trainer import load_exported
+    from engine.commands import export_check
+    from engine.model import load_exported
 
     _export_checkpoint(ckpt, out)
     head = head_of(out)
@@ -377,20 +378,20 @@ def _export_checkpoint_checked(ckpt: Path, out: Path) -> dict:
                                                 hf_config.vocab_size)
         missing = module.hf.load_state_dict(weights, strict=False).missing_keys
         if missing:
-            raise deploy.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
+            raise export_check.ExportCheckFailed(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
     tok = data.load_tokenizer(str(out))
-    batch = deploy.probe(tok)
+    batch = export_check.probe(tok)
     with torch.no_grad():
         ours = module.logits(batch["input_ids"], batch["attention_mask"])
         theirs = load_exported(out, head)(**batch).logits
-    diff = deploy.compare(theirs, ours, batch["attention_mask"], f"the Hugging Face export {out}")
+    diff = export_check.compare(theirs, ours, batch["attention_mask"], f"the Hugging Face export {out}")
     return {"check": "transformers reload vs the engine's model from the checkpoint weights (and the weights equal)",
             "max_abs_diff": diff, "probe_shape": list(batch["input_ids"].shape), "source": f"checkpoint {ckpt}"}
 
 
 def verify_weights(out: Path, weights: dict[str, torch.Tensor], head: str) -> None:
     """The written directory, reloaded by transformers, holds exactly `weights` (non-empty, same shapes)."""
-    from engine.trainer import load_exported
+    from engine.model import load_exported
 
     reloaded = load_exported(out, head).state_dict()
     problems = []
@@ -403,7 +404,7 @@ def verify_weights(out: Path, weights: dict[str, torch.Tensor], head: str) -> No
         elif not torch.equal(got.float(), tensor.float()):
             problems.append(f"{name}: values differ")
     if problems:  # an ExportCheckFailed: `ftl export` reports it in one line, exit 1, nothing left at --out
-        from engine.deploy import ExportCheckFailed
+        from engine.commands.export_check import ExportCheckFailed
 
         raise ExportCheckFailed(f"export {out} failed verification: " + "; ".join(problems[:5]))
 

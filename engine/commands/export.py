@@ -33,14 +33,10 @@ import torch
 from torch import nn
 
 from engine import compat
+from engine.commands.export_check import PROBE_TEXTS, ExportCheckFailed, compare, probe  # noqa: F401
 from engine.errors import UsageError
 
 FORMATS = ("hf", "onnx", "onnx-kv", "torchscript")
-PROBE_TEXTS = ["The with statement is used to wrap the execution of a block", "A class definition", "x = 1"]
-
-
-class ExportCheckFailed(RuntimeError):
-    """An export that does not reproduce the PyTorch model: never ship it."""
 
 
 class LogitsOnly(nn.Module):
@@ -58,39 +54,11 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and not (path / "trainer_state.json").exists()
 
 
-def probe(tokenizer, texts=PROBE_TEXTS, max_len: int | None = None) -> dict[str, torch.Tensor]:
-    """A fixed batch with right padding (the graph exports are checked on padded input)."""
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=bool(max_len), max_length=max_len)
-    finally:
-        tokenizer.padding_side = old
-    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
-
-
-def compare(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor | None, what: str,
-            rtol: float = 1e-4) -> float:
-    """Max |difference| (at mask positions for per-token logits); raises if above rtol * max(1, |logits|)."""
-    ours, theirs = torch.as_tensor(ours).float(), torch.as_tensor(theirs).float()
-    if ours.shape != theirs.shape:
-        raise ExportCheckFailed(f"{what}: logits shape {tuple(ours.shape)} != PyTorch's {tuple(theirs.shape)}")
-    diff = (ours - theirs).abs()
-    if mask is not None and diff.dim() == 3:
-        diff = diff[mask.bool()]
-    worst = float(diff.max()) if diff.numel() else 0.0
-    limit = rtol * max(1.0, float(theirs.abs().max()))
-    if not worst <= limit:  # also catches NaN
-        raise ExportCheckFailed(f"{what} does not reproduce the PyTorch logits: max abs difference {worst:.3g} "
-                                f"> tolerance {limit:.3g}")
-    return worst
-
-
 # ------------------------------------------------------------------------------------------- sources
 
 def hf_source(path: Path, workdir: Path) -> tuple[Path, str]:
     """A Hugging Face directory for `path` (exporting a checkpoint into `workdir` when needed) and what it was."""
-    from engine import tools
+    from engine.commands import models as tools
 
     if is_hf_dir(path):
         return path, f"model directory {path}"
@@ -105,7 +73,8 @@ def hf_source(path: Path, workdir: Path) -> tuple[Path, str]:
 def export(path: Path, out: Path, fmt: str, opset: int = 18, force: bool = False) -> dict:
     """Write `fmt` to `out` (atomically) and return the round-trip report (also saved as export.json).
     An existing `out` is replaced only with force=True and only if an earlier export wrote it."""
-    from engine import ownership, tools
+    from engine import ownership
+    from engine.commands import models as tools
 
     problems = [] if fmt in FORMATS else [f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})"]
     out = Path(out)
@@ -139,8 +108,9 @@ def export(path: Path, out: Path, fmt: str, opset: int = 18, force: bool = False
 
 
 def _load(src: Path):
-    from engine import data, tools
-    from engine.trainer import load_exported
+    from engine.data import sources as data
+    from engine.commands import models as tools
+    from engine.model import load_exported
 
     head = tools.head_of(src)
     return load_exported(src, head), data.load_tokenizer(str(src)), head
@@ -164,7 +134,7 @@ def reexport_hf(src: Path, out: Path) -> dict:
     for f in ("generation_config.json",):
         if (src / f).is_file() and not (out / f).is_file():
             shutil.copy2(src / f, out / f)
-    from engine.trainer import load_exported
+    from engine.model import load_exported
 
     batch = probe(tok)
     with torch.no_grad():

@@ -22,7 +22,7 @@ from engine.errors import UsageError
 
 TEMPLATES = {"torchrun": "train.sbatch", "deepspeed": "train_deepspeed.sbatch", "sweep": "sweep.sbatch"}
 # Where the templates live: the source checkout (pip install -e), else the copy setup.py installs.
-TEMPLATE_DIRS = (Path(__file__).resolve().parents[1] / "launch" / "slurm",
+TEMPLATE_DIRS = (Path(__file__).resolve().parents[2] / "launch" / "slurm",
                  Path(sys.prefix) / "share" / "ftl-engine" / "launch" / "slurm")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 LIST_RE = re.compile(r"^[A-Za-z0-9._,-]+$")

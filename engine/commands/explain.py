@@ -96,7 +96,7 @@ def _token_strings(tok, ids: list[int]) -> list[str]:
 def explain(model_dir: Path, text: str, method: str = "ig", steps: int = 64, baseline: str = "pad",
             target: str | None = None, top_k: int = 5, attention: tuple[int, int | None] | None = None,
             max_tokens: int = 512) -> Explanation:
-    from engine import tools
+    from engine.commands import models as tools
 
     model_dir, _ = tools.resolve_model_dir(Path(model_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

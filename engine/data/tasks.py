@@ -29,7 +29,16 @@ import sysconfig
 from collections import defaultdict
 from pathlib import Path
 
-from engine import data
+# The builtin:<task> sources defined here: name -> (generator, gen_kwargs, splits). engine/data/sources.py imports
+# this module and registers them; nothing here imports sources back (the registry is filled from this side only).
+TASKS: dict[str, tuple] = {}
+
+
+def register_task(name: str, generator, gen_kwargs=lambda: {}, splits: tuple[str, ...] = ()) -> None:
+    """Add a `builtin:<name>` source (a generator of row dicts); with `splits` (e.g. ("train", "validation")) the
+    generator is called once per split with `split=` added."""
+    TASKS[name] = (generator, gen_kwargs, tuple(splits))
+
 
 LINES_PER_CHUNK = 8
 CHUNKS_PER_FILE = 8
@@ -69,8 +78,8 @@ def _stdlib_packages(stdlib: str, split: str):
                 yield row
 
 
-data.register_builtin("stdlib_packages", _stdlib_packages, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]},
-                      splits=("train", "validation"))
+register_task("stdlib_packages", _stdlib_packages, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]},
+              splits=("train", "validation"))
 
 
 QA_VAL_EVERY = 10
@@ -132,5 +141,5 @@ def _stdlib_qa(stdlib: str, split: str):
             yield row
 
 
-data.register_builtin("stdlib_qa", _stdlib_qa, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]},
-                      splits=("train", "validation"))
+register_task("stdlib_qa", _stdlib_qa, lambda: {"stdlib": sysconfig.get_paths()["stdlib"]},
+              splits=("train", "validation"))

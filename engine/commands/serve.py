@@ -6,7 +6,7 @@
     POST /classify    {"text": "..."} or {"texts": [...]}
                       ->  {"predictions": [{"label", "score", "probs": {label: p}}, ...]}
     GET  /v1/models, POST /v1/completions, POST /v1/chat/completions (lm): the OpenAI API, streaming
-                      included, for the official `openai` client and tools built on it (engine/openai_api.py)
+                      included, for the official `openai` client and tools built on it (engine/commands/openai_api.py)
 
 It binds 127.0.0.1 unless told otherwise. `--api-key KEY` (or FTL_API_KEY) makes every request but GET
 /health present `Authorization: Bearer KEY` (401 otherwise); without it there is no authentication, so
@@ -18,7 +18,7 @@ JSON body {"error": "..."} naming every problem: 400 malformed JSON / wrong fiel
 413 body over --max-body-bytes, 415 a Content-Type other than JSON (curl's default form type is
 accepted and parsed as JSON), 403 a POST with an Origin header (a web page in the user's browser: a
 form-encoded POST needs no CORS preflight, so it would otherwise reach this unauthenticated endpoint).
-Classification of texts longer than the model's positions pools windows (engine/windows.py), like
+Classification of texts longer than the model's positions pools windows (engine/data/windows.py), like
 evaluation does.
 """
 
@@ -50,7 +50,7 @@ class ModelService:
 
     def __init__(self, model_dir: Path, device: torch.device | None = None, max_new_tokens: int = 256,
                  max_batch: int = 16, served_name: str | None = None):
-        from engine import tools
+        from engine.commands import models as tools
 
         self.model_dir, _ = tools.resolve_model_dir(Path(model_dir))
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +117,7 @@ class ModelService:
 
     # ---------------------------------------------------------------------------------- endpoints
     def generate(self, body: dict) -> dict:
-        from engine import tools
+        from engine.commands import models as tools
 
         if self.head != "lm":
             raise RequestError(404, "this server holds a classification model: POST /classify")
@@ -142,7 +142,7 @@ class ModelService:
         return {"completions": [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)]}
 
     def classify(self, body: dict) -> dict:
-        from engine import windows
+        from engine.data import windows
 
         if self.head != "cls":
             raise RequestError(404, "this server holds a language model: POST /generate")
@@ -165,7 +165,7 @@ V1_POST = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
 def make_handler(service: ModelService, max_body: int, quiet: bool = False, api_key: str | None = None):
-    from engine import openai_api
+    from engine.commands import openai_api
 
     routes = {"/generate": service.generate, "/classify": service.classify}
     v1 = service.head == "lm"  # the OpenAI paths exist for language models

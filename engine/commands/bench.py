@@ -390,7 +390,7 @@ def _baseline_model(facts: dict, env):
 
 def _batches_for(facts: dict, steps: int, device: torch.device) -> list[list[dict]]:
     """This rank's micro-batches of the first `steps` steps: the same token ids the engine trained on."""
-    from engine import data
+    from engine.data import sources as data
 
     batches = data.TrainBatches(facts["data"], facts["layout"], facts["cfg"].run.seed, torch.device("cpu"))
     step = facts["layout"].global_batch

@@ -149,11 +149,9 @@ def source_rows(part: Part, load_source) -> tuple[dict[str, list[tuple[str, dict
     """{source split: [(row label, row)]}, the columns that exist, and unreadable-file problems.
 
     JSON/JSONL files are read here row by row; everything else through `load_source(source)` (datasets)."""
-    from engine.data import _looks_like_files
-
     src = part.source
     path = os.path.expanduser(src)
-    if _looks_like_files(src) and os.path.isfile(path) and path.endswith((".jsonl", ".json")):
+    if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         rows, problems = _json_rows(path)
         bad = [label for label, r in rows if not isinstance(r, dict)]
         if bad:

@@ -1,0 +1,1 @@
+"""Data: sources, tokenization, windows, built-in tasks and instruction formats (docs/architecture.md)."""
