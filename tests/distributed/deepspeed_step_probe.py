@@ -46,6 +46,7 @@ def probe(stage: int) -> dict:
     out.update(lr=seen["lr"], grad_norm=seen["grad_sq"] ** 0.5)
     after = [p.detach().clone() for p in module.parameters()]
     out["moved"] = [not torch.equal(b, a) for b, a in zip(before, after)]
+    out["grad_bytes"] = backend.measured_memory()["grads"]  # the memory report's gradients, seen at the first step
     return out, backend
 
 

@@ -22,3 +22,4 @@ def test_deepspeed_hands_the_optimizer_the_clipped_global_gradient_and_each_grou
         assert got["grad_norm"] == pytest.approx(got["true_norm"] / 4, rel=1e-4), (stage, got)
         assert got["lr"] == [pytest.approx(0.1), 0.0], (stage, got)
         assert got["moved"] == [True, True, False, False], (stage, got)  # lr_scale 0: that group stays
+        assert got["grad_bytes"] > 0, (stage, got)  # the memory report counts the gradients of the first step
