@@ -63,6 +63,11 @@ from engine.backends import ds_config
 from engine.backends.base import Backend, set_lr, tensor_bytes
 from engine.errors import UsageError
 
+# zero.Init (ZeRO-3) swaps torch.nn.functional.linear for DeepSpeed's autograd wrapper and, in DeepSpeed 0.19,
+# does not always put it back: anything the process runs afterwards (an export traced to TorchScript, another
+# engine) would go through ZeRO-3's linear. close() restores the function this module saw at import.
+_TORCH_LINEAR = torch.nn.functional.linear
+
 CKPT_SUBDIR = "deepspeed"
 LAYOUT = "layout.json"
 
@@ -494,6 +499,8 @@ class DeepSpeedBackend(Backend):
             self.engine.destroy()
         self.engine = None
         self._module = None
+        if torch.nn.functional.linear is not _TORCH_LINEAR:
+            torch.nn.functional.linear = _TORCH_LINEAR
         # Collect DeepSpeed's finished communication handles now: freed later, during interpreter shutdown,
         # a gloo worker thread can be torn down mid-callback and abort the process.
         gc.collect()
