@@ -115,3 +115,18 @@ def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> lis
     """Names of the tensors that differ in any bit (empty: identical)."""
     assert a.keys() == b.keys()
     return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+# Readers of a finished run, shared by the backend tests (test_deepspeed.py, test_fsdp.py).
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def memory_row(run_dir: Path) -> dict:
+    rows = [r["memory"] for r in read_metrics(run_dir) if "memory" in r]
+    assert len(rows) == 1, rows  # logged once, after the first step
+    return rows[0]

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import (check, env_for_subprocess, free_port, read_metrics, run_ftl, tiny_config, tiny_overrides,
                             torchrun, train_losses)
+from tests.fault_helpers import final_weights, grad_norms, memory_row
 
 # fp32 on CPU: the splits differ only in summation order (per-micro-batch reduce-scatter at stages 2-3, gloo
 # all-reduce, accumulation order). Measured on this model: losses agree to 2.4e-7 relative, weights to 2.3e-7,
@@ -119,20 +120,6 @@ def runs(root, corpus):
         return done[name]
 
     return get
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def grad_norms(run_dir: Path) -> list[float]:
-    return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def memory_row(run_dir: Path) -> dict:
-    rows = [r["memory"] for r in read_metrics(run_dir) if "memory" in r]
-    assert len(rows) == 1, rows  # logged once, after the first step
-    return rows[0]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import check, read_metrics, run_ftl, tiny_config, tiny_overrides, torchrun, train_losses
-from tests.fault_helpers import Watched, torchrun_cmd
+from tests.fault_helpers import Watched, final_weights, grad_norms, memory_row, torchrun_cmd
 
 # fp32 on CPU: the splits differ only in summation order. Measured on this model (2026-12-02): losses agree to
 # 2e-7 relative, gradient norms to 3e-7, weights to 3e-7 absolute. optim.eps=1e-6 as in the other parity tests:
@@ -119,20 +118,6 @@ def runs(root, corpus):
         return done[name]
 
     return get
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def grad_norms(run_dir: Path) -> list[float]:
-    return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def memory_row(run_dir: Path) -> dict:
-    rows = [r["memory"] for r in read_metrics(run_dir) if "memory" in r]
-    assert len(rows) == 1, rows
-    return rows[0]
 
 
 def assert_same_run(run_dir: Path, ref: Path, loss_rtol: float = LOSS_RTOL) -> None:
