@@ -106,6 +106,14 @@ def pretrained_state_dict(provider: Callable[[str], dict]):
         _PRETRAINED_STATE.reset(token)
 
 
+# transformers >= 5.25 "kernelizes" every from_pretrained model by default when the `kernels` package is
+# installed (it now comes with transformers): layers are swapped for kernels fetched from the Hub. The engine
+# loads with them off: a load must not download or run code nobody asked for (offline runs, the same rule as
+# trust_remote_code), must compute what was tested, and kernelize() refuses a model on the meta device (the
+# FSDP build). transformers 4.57-5.24 accept the keyword with the same default.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def _dropout_kwargs(cfg: ModelConfig) -> dict:
     def pick(site):
         return cfg.dropout if site is None else site
@@ -127,13 +135,14 @@ def build(cfg: ModelConfig, source: ModelSource, tokenizer, num_labels: int = 0)
         provider = _PRETRAINED_STATE.get()
         try:
             if provider is None:
-                model = cls.from_pretrained(where, **extra)
+                model = cls.from_pretrained(where, **extra, **NO_HUB_KERNELS)
             else:  # the same load from the provider's tensors (transformers takes a name or a state dict)
                 from transformers import AutoConfig
 
                 attn = extra.pop("attn_implementation")
                 config = AutoConfig.from_pretrained(where, **extra)
-                model = cls.from_pretrained(None, config=config, state_dict=provider(where), attn_implementation=attn)
+                model = cls.from_pretrained(None, config=config, state_dict=provider(where), attn_implementation=attn,
+                                            **NO_HUB_KERNELS)
         except OSError as e:
             raise UsageError(
                 f"model.name {source.name!r}: not a preset, a local directory, or a reachable hub model ({e})".strip()
@@ -274,4 +283,4 @@ def load_exported(path: Path, head: str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    return auto.from_pretrained(path, **kwargs).eval()
+    return auto.from_pretrained(path, **{**NO_HUB_KERNELS, **kwargs}).eval()

@@ -173,10 +173,9 @@ def explain(model_dir: Path, text: str, method: str = "ig", steps: int = 64, bas
 
 def attention_map(model_dir: Path, head: str, input_ids: torch.Tensor, layer: int, h: int | None) -> list[list[float]]:
     """Row t: how much position t attends to each earlier position (eager attention returns the weights)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from engine.model import load_exported
 
-    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
-    eager = auto.from_pretrained(model_dir, attn_implementation="eager").eval().to(input_ids.device)
+    eager = load_exported(model_dir, head, attn_implementation="eager").to(input_ids.device)
     with torch.no_grad():
         att = eager(input_ids=input_ids, output_attentions=True).attentions[layer][0]  # [heads, T, T]
     return (att.mean(0) if h is None else att[h]).float().cpu().tolist()

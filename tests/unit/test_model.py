@@ -81,6 +81,10 @@ def test_from_pretrained_directory_round_trip(tmp_path, tokenizer):
     cls = model_lib.build(ModelConfig(name=str(tmp_path / "m"), head="cls"), src, tokenizer, 4)
     assert torch.equal(cls.transformer.wte.weight, hf.transformer.wte.weight)
     assert cls.score.out_features == 4
+    # transformers >= 5.25 swaps layers for Hub kernels on from_pretrained unless told not to (a download, other
+    # numerics, a crash on the meta device): every load the engine makes keeps them off
+    exported = model_lib.load_exported(tmp_path / "m", "lm")
+    assert not any(getattr(m, "use_kernels", False) for m in (loaded, cls, exported))
 
 
 def test_model_name_errors(tmp_path):
